@@ -1,0 +1,327 @@
+"""Configuration schema, loading and validation.
+
+A run is configured by a YAML file (``configs/*.yaml``) plus ``key=value`` overrides on the
+command line. Both are checked against the dataclasses below *before* anything starts, and every
+problem is reported at once: unknown keys (with the nearest valid key), wrong types, values out
+of range, unknown choices and unknown environment ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+from omegaconf import OmegaConf
+
+
+def _f(default: Any = dataclasses.MISSING, *, help: str = "", **rules: Any) -> Any:
+    """A dataclass field with validation rules: ``min``, ``max``, ``gt`` (exclusive), ``choices``."""
+    meta = {"help": help, **rules}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EnvConfig:
+    """Which environment to run and how many copies each env runner steps."""
+
+    id: str = _f(
+        "gym:CartPole-v1", help="env spec: gym:<id>, <registered gymnasium id>, nle:<task>"
+    )
+    num_envs: int = _f(16, min=1, help="environments stepped as one batch by each env runner")
+    kwargs: dict[str, Any] = _f({}, help="keyword arguments passed to the env constructor")
+    captioner: str = _f(
+        "auto", help="auto (nle message for NetHack, info['caption'] otherwise), none"
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The policy network."""
+
+    kind: str = _f(
+        "auto", choices=["auto", "mlp", "nethack"], help="auto: nethack for nle:, else mlp"
+    )
+    hidden_size: int = _f(
+        64, min=1, help="width of hidden layers (NetHack: core size, ONI uses 512)"
+    )
+    num_layers: int = _f(2, min=1, help="MLP hidden layers")
+    core: str = _f("none", choices=["none", "gru"], help="recurrent core of the MLP model")
+    activation: str = _f("tanh", choices=["tanh", "relu", "elu"])
+    embedding_dim: int = _f(32, min=1, help="NetHack glyph embedding size")
+    crop_size: int = _f(9, min=3, help="NetHack egocentric crop (odd)")
+
+
+@dataclass
+class AlgoConfig:
+    """Asynchronous PPO with V-trace correction (APPO / IMPALA)."""
+
+    lr: float = _f(3e-4, gt=0.0, help="Adam learning rate")
+    gamma: float = _f(0.99, min=0.0, max=1.0)
+    rollout: int = _f(64, min=1, help="T: steps per env in one fragment")
+    num_epochs: int = _f(2, min=1, help="passes over each batch")
+    num_minibatches: int = _f(2, min=1, help="minibatches per epoch (split along envs)")
+    fragments_per_batch: int = _f(1, min=1, help="fragments concatenated into one learner batch")
+    clip_coef: float = _f(0.2, gt=0.0)
+    vf_coef: float = _f(0.5, min=0.0)
+    ent_coef: float = _f(0.01, min=0.0)
+    max_grad_norm: float = _f(0.5, gt=0.0)
+    rho_bar: float = _f(1.0, gt=0.0, help="V-trace importance weight truncation")
+    c_bar: float = _f(1.0, gt=0.0, help="V-trace trace-cutting truncation")
+    normalize_advantages: bool = _f(True)
+    adam_eps: float = _f(1e-5, gt=0.0)
+    lr_anneal: bool = _f(False, help="decay lr linearly to 0 over train.total_env_steps")
+    max_policy_lag: int = _f(20, min=0, help="fragments older than this many updates are dropped")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where the roles run."""
+
+    kind: str = _f("serial", choices=["serial", "ray"])
+    address: str | None = _f(None, help="Ray address; null starts a local instance, auto joins one")
+    num_env_runners: int = _f(2, min=1, help="env runner actors (ray runtime)")
+    cpus_per_env_runner: float = _f(1.0, gt=0.0, help="Ray CPU resource per env runner")
+    learner_cpus: float = _f(1.0, gt=0.0, help="Ray CPU resource for the learner")
+    learner_gpus: float = _f(-1.0, help="GPUs for the learner; -1: one if CUDA is visible, else 0")
+    max_fragments_in_flight: int = _f(4, min=1, help="fragments queued at the learner at most")
+    broadcast_every: int = _f(1, min=1, help="send weights to env runners every K updates")
+    max_runner_restarts: int = _f(10, min=0, help="crashed env runners replaced before giving up")
+    device: str = _f("auto", choices=["auto", "cpu", "cuda"], help="learner device")
+    torch_threads: int = _f(1, min=1, help="torch threads per process")
+
+
+@dataclass
+class TrainConfig:
+    """Budget, logging and checkpoints."""
+
+    total_env_steps: int = _f(300_000, min=1)
+    stop_at_return: float | None = _f(None, help="stop early once episode_return_mean reaches it")
+    log_every_updates: int = _f(10, min=1, help="write a metrics row every N learner updates")
+    return_window: int = _f(100, min=1, help="episodes averaged into episode_return_mean")
+    checkpoint_every_updates: int = _f(200, min=1)
+    keep_checkpoints: int = _f(3, min=1)
+    progress: bool = _f(True, help="show a live progress bar on the console")
+    tensorboard: bool = _f(True)
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    name: str = _f("run", help="run name: the run directory is <runs_dir>/<name>")
+    runs_dir: str = _f("runs")
+    seed: int = _f(0, min=0)
+    resume: str | None = _f(None, help="run directory to resume from")
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; ``errors`` holds one readable sentence each."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is not None and type(None) in get_args(tp):
+        inner = [a for a in get_args(tp) if a is not type(None)][0]
+        return f"{_type_name(inner)} or null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> tuple[Any, str | None]:
+    """Coerce ``value`` to ``tp`` and check its rules; return (value, error or None)."""
+    optional = get_origin(tp) is not None and type(None) in get_args(tp)
+    if optional:
+        if value is None:
+            return None, None
+        tp = [a for a in get_args(tp) if a is not type(None)][0]
+    if get_origin(tp) is dict:
+        if not isinstance(value, dict):
+            return value, f"{key}: expected a mapping, got {value!r}"
+        return value, None
+    if tp in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads "3e-4" (no dot) as a string; a number is clearly meant.
+        try:
+            value = float(value) if tp is float else int(value)
+        except ValueError:
+            pass
+    ok = True
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok and isinstance(value, float) and value.is_integer():
+            value, ok = int(value), True
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+            ok = math.isfinite(value)
+    elif tp is str:
+        ok = isinstance(value, str)
+    if not ok:
+        return value, f"{key}: expected {_type_name(tp)}, got {value!r}"
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(map(str, meta["choices"]))
+        return value, f"{key}: {value!r} is not allowed; choose one of: {allowed}"
+    if "min" in meta and value < meta["min"]:
+        return value, f"{key}: {value!r} is out of range; it must be >= {meta['min']}"
+    if "gt" in meta and value <= meta["gt"]:
+        return value, f"{key}: {value!r} is out of range; it must be > {meta['gt']}"
+    if "max" in meta and value > meta["max"]:
+        return value, f"{key}: {value!r} is out of range; it must be <= {meta['max']}"
+    return value, None
+
+
+def _validate_section(cls: type, data: Any, prefix: str, errors: list[str]) -> dict[str, Any]:
+    """Check ``data`` against dataclass ``cls``; return the cleaned dict (known keys only)."""
+    if not isinstance(data, dict):
+        errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        return {}
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    clean: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            candidates = [f"{prefix}{name}" for name in fields]
+            near = difflib.get_close_matches(full, candidates, n=1, cutoff=0.5)
+            hint = (
+                f"; did you mean {near[0]}?" if near else f"; valid keys: {', '.join(candidates)}"
+            )
+            errors.append(f"{full}: unknown key{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            clean[key] = _validate_section(tp, value, f"{full}.", errors)
+            continue
+        value, err = _check_value(full, value, tp, dict(fields[key].metadata))
+        if err:
+            errors.append(err)
+        else:
+            clean[key] = value
+    return clean
+
+
+def _cross_checks(cfg: Config, errors: list[str]) -> None:
+    """Rules that involve more than one key."""
+    from oni_sys.envs.spec import check_env_spec
+
+    err = check_env_spec(cfg.env.id)
+    if err:
+        errors.append(f"env.id: {err}")
+    if cfg.algo.num_minibatches > cfg.env.num_envs * cfg.algo.fragments_per_batch:
+        errors.append(
+            f"algo.num_minibatches: {cfg.algo.num_minibatches} minibatches cannot be cut from a batch "
+            f"of {cfg.env.num_envs * cfg.algo.fragments_per_batch} env slices "
+            "(env.num_envs x algo.fragments_per_batch); lower it or raise env.num_envs"
+        )
+    if cfg.model.crop_size % 2 == 0:
+        errors.append(f"model.crop_size: {cfg.model.crop_size} must be odd so the agent is centred")
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        errors.append(f"name: {cfg.name!r} is not a usable run name; use letters, digits, - and _")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["algo.lr=3e-4", ...]`` into a nested dict, parsing values as YAML."""
+    nested: dict[str, Any] = {}
+    errors = []
+    for item in overrides:
+        if "=" not in item:
+            errors.append(f"{item!r}: overrides take the form key=value, e.g. algo.lr=3e-4")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                errors.append(f"{key}: {part} is set to a value and used as a section")
+                break
+        else:
+            node[parts[-1]] = value
+    if errors:
+        raise ConfigError(errors)
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
+            out[key] = _deep_merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML experiment, apply ``key=value`` overrides, validate everything at once.
+
+    Raises:
+        ConfigError: with one sentence per problem found.
+    """
+    data: dict[str, Any] = {}
+    errors: list[str] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"{path}: config file not found"])
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path}: not valid YAML ({exc})".replace("\n", " ")]) from None
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    clean = _validate_section(Config, data, "", errors)
+    env_id = clean.get("env", {}).get("id")
+    if errors:
+        # Report a bad env id together with the other errors, not after they are fixed.
+        from oni_sys.envs.spec import check_env_spec
+
+        err = check_env_spec(env_id) if env_id is not None else None
+        raise ConfigError(errors + ([f"env.id: {err}"] if err else []))
+    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), clean))
+    _cross_checks(cfg, errors)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data (for saving and for Ray)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of :func:`config_to_dict` (validated)."""
+    errors: list[str] = []
+    clean = _validate_section(Config, data, "", errors)
+    if errors:
+        raise ConfigError(errors)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), clean))
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

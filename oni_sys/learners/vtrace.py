@@ -1,0 +1,191 @@
+"""V-trace targets and the APPO loss.
+
+References:
+  IMPALA, Espeholt et al. 2018, section 4 ("V-trace"):
+    delta_t V = rho_t (r_t + gamma V(x_{t+1}) - V(x_t))                      (def. in eq. 1)
+    vs_s      = V(x_s) + sum_{t=s}^{s+n-1} gamma^{t-s} (prod_{i=s}^{t-1} c_i) delta_t V   (eq. 1)
+    rho_t     = min(rho_bar, pi(a_t|x_t) / mu(a_t|x_t)),  c_i = min(c_bar, pi(a_i|x_i) / mu(a_i|x_i))
+    Remark 1 (the recursion used here):
+      vs_s = V(x_s) + delta_s V + gamma c_s (vs_{s+1} - V(x_{s+1}))
+    Section 4.2 (policy gradient):
+      rho_pg_s (r_s + gamma vs_{s+1} - V(x_s)),  rho_pg_s = min(rho_pg_bar, pi/mu)
+  APPO: the PPO clipped surrogate (Schulman et al. 2017) applied to the V-trace advantages above.
+
+Conventions: time-major [T, B]; `gamma` is per step, discounts[t] = gamma * (1 - done_t), so
+gamma^{t-s} becomes prod_{i=s}^{t-1} discounts[i] and an episode end cuts the bootstrap.
+pi is the target (learner) policy, mu the behaviour (actor) policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class VTraceReturns:
+    vs: torch.Tensor  # [T, B] value targets
+    pg_advantages: torch.Tensor  # [T, B] rho_pg_t * (r_t + gamma_t * vs_{t+1} - V(x_t))
+
+
+@torch.no_grad()
+def vtrace(
+    behaviour_logp: torch.Tensor,
+    target_logp: torch.Tensor,
+    rewards: torch.Tensor,
+    discounts: torch.Tensor,
+    values: torch.Tensor,
+    bootstrap_value: torch.Tensor,
+    rho_bar: float = 1.0,
+    c_bar: float = 1.0,
+    rho_pg_bar: float = 1.0,
+) -> VTraceReturns:
+    """V-trace targets vs and policy-gradient advantages (IMPALA eq. 1 and section 4.2).
+
+    All [T, B] except bootstrap_value [B] = V(x_T). discounts[t] = gamma * (1 - done_t).
+    Computed under torch.no_grad(): these are targets, never differentiated through.
+    """
+    if values.dim() != 2 or bootstrap_value.shape != values.shape[1:]:
+        raise ValueError(
+            f"expected values [T, B] and bootstrap_value [B], got "
+            f"{tuple(values.shape)} and {tuple(bootstrap_value.shape)}"
+        )
+    # Truncated importance weights pi/mu; exp(inf) = inf is fine since it is clamped before use.
+    ratios = torch.exp(target_logp - behaviour_logp)
+    rhos = torch.clamp(ratios, max=rho_bar)  # rho_t
+    cs = torch.clamp(ratios, max=c_bar)  # c_i
+    pg_rhos = torch.clamp(ratios, max=rho_pg_bar)  # rho_pg_t
+
+    # V(x_{t+1}) for t = 0..T-1, with V(x_T) = bootstrap_value.
+    values_tp1 = torch.cat([values[1:], bootstrap_value.unsqueeze(0)], dim=0)
+    deltas = rhos * (rewards + discounts * values_tp1 - values)  # delta_t V
+
+    # Remark 1, backward in time: (vs_s - V(x_s)) = delta_s V + gamma_s c_s (vs_{s+1} - V(x_{s+1})),
+    # with vs_T - V(x_T) = 0 (the bootstrap is its own target).
+    vs_minus_v = torch.empty_like(values)
+    acc = torch.zeros_like(bootstrap_value)
+    for s in reversed(range(values.shape[0])):
+        acc = deltas[s] + discounts[s] * cs[s] * acc
+        vs_minus_v[s] = acc
+    vs = values + vs_minus_v
+
+    # Section 4.2: the advantage bootstraps from vs_{s+1} (vs_T = V(x_T)), not V(x_{s+1}).
+    vs_tp1 = torch.cat([vs[1:], bootstrap_value.unsqueeze(0)], dim=0)
+    pg_advantages = pg_rhos * (rewards + discounts * vs_tp1 - values)
+    return VTraceReturns(vs=vs, pg_advantages=pg_advantages)
+
+
+def categorical_logp_entropy(
+    logits: torch.Tensor, actions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(a|x) and entropy of a categorical over the last axis of `logits`.
+
+    logits [..., A], actions [...] int64 -> (logp [...], entropy [...]).
+    Logits of -inf (masked actions) are allowed.
+    """
+    log_probs = F.log_softmax(logits, dim=-1)
+    logp = log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    probs = log_probs.exp()
+    # 0 * log 0 = 0 for masked actions; zero log_probs first so neither the value nor the
+    # gradient of the product sees -inf (a where() on the product alone still yields NaN grads).
+    safe_log_probs = torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
+    entropy = -(probs * safe_log_probs).sum(-1)
+    return logp, entropy
+
+
+@dataclass
+class APPOLossOutput:
+    loss: torch.Tensor  # scalar, total = policy_loss + vf_coef * value_loss - ent_coef * entropy
+    policy_loss: torch.Tensor  # scalar
+    value_loss: torch.Tensor  # scalar
+    entropy: torch.Tensor  # scalar (mean entropy)
+    approx_kl: torch.Tensor  # scalar, k3 estimator of KL(mu || pi): mean((r - 1) - log r)
+    clip_fraction: torch.Tensor  # scalar, fraction of entries with |r - 1| > clip_coef
+    vs: torch.Tensor  # [T, B] detached
+    pg_advantages: torch.Tensor  # [T, B] detached, before normalisation
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # where() rather than x * mask so NaN/inf in masked-out entries cannot leak into the mean.
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+
+
+def appo_loss(
+    logits: torch.Tensor,
+    actions: torch.Tensor,
+    behaviour_logp: torch.Tensor,
+    rewards: torch.Tensor,
+    discounts: torch.Tensor,
+    values: torch.Tensor,
+    bootstrap_value: torch.Tensor,
+    *,
+    clip_coef: float = 0.2,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.01,
+    rho_bar: float = 1.0,
+    c_bar: float = 1.0,
+    normalize_advantages: bool = True,
+    mask: torch.Tensor | None = None,
+) -> APPOLossOutput:
+    """APPO loss: PPO clipped surrogate on V-trace advantages, plus value and entropy terms.
+
+    logits [T, B, A] (current policy, with grad, categorical), actions [T, B] int64,
+    behaviour_logp [T, B] (actor's log mu(a|x)), values [T, B] with grad, bootstrap_value [B]
+    (may carry grad; detached here, it only serves as a target). mask [T, B] bool/float selects
+    valid entries (None = all) for every mean. The rho_pg_bar of V-trace is set to rho_bar.
+
+    Masked-out entries have their reward treated as 0 inside V-trace so it cannot reach earlier
+    targets; the recursion still runs through them, so a step after which bootstrapping must stop
+    (e.g. the last valid step before padding) needs discount 0 from the caller.
+    """
+    mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
+
+    target_logp, entropy = categorical_logp_entropy(logits, actions)
+    log_ratio = target_logp - behaviour_logp
+    ratio = torch.exp(log_ratio)  # pi / mu, with grad through pi
+
+    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    vt = vtrace(
+        behaviour_logp,
+        target_logp.detach(),
+        rewards,
+        discounts,
+        values.detach(),
+        bootstrap_value.detach(),
+        rho_bar=rho_bar,
+        c_bar=c_bar,
+        rho_pg_bar=rho_bar,
+    )
+
+    adv = vt.pg_advantages
+    if normalize_advantages:
+        # Statistics over valid entries only, so padding does not shift or shrink them.
+        mean = _masked_mean(adv, mask)
+        var = _masked_mean((adv - mean) ** 2, mask)
+        adv = (adv - mean) / (var.sqrt() + 1e-8)
+
+    # PPO clipped surrogate, maximised -> negated for a loss.
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) * adv)
+    policy_loss = -_masked_mean(surrogate, mask)
+    value_loss = 0.5 * _masked_mean((values - vt.vs) ** 2, mask)
+    mean_entropy = _masked_mean(entropy, mask)
+    loss = policy_loss + vf_coef * value_loss - ent_coef * mean_entropy
+
+    with torch.no_grad():
+        # k3 estimator (Schulman, "Approximating KL divergence"): unbiased, always >= 0.
+        approx_kl = _masked_mean((ratio - 1.0) - log_ratio, mask)
+        clipped = ((ratio - 1.0).abs() > clip_coef).to(ratio.dtype)
+        clip_fraction = _masked_mean(clipped, mask)
+
+    return APPOLossOutput(
+        loss=loss,
+        policy_loss=policy_loss,
+        value_loss=value_loss,
+        entropy=mean_entropy,
+        approx_kl=approx_kl,
+        clip_fraction=clip_fraction,
+        vs=vt.vs,
+        pg_advantages=vt.pg_advantages,
+    )

@@ -1,0 +1,36 @@
+"""Policy networks and the factory that picks one for an environment."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+from oni_sys.models.base import ActorCritic
+
+
+def build_model(
+    model_cfg, env_id: str, obs_space: gym.spaces.Dict, num_actions: int
+) -> ActorCritic:
+    """Build the network named by ``model.kind`` (``auto``: NetHack net for ``nle:``, else MLP)."""
+    kind = model_cfg.kind
+    if kind == "auto":
+        kind = "nethack" if env_id.startswith("nle:") else "mlp"
+    if kind == "nethack":
+        from oni_sys.models.nethack import NetHackNet
+
+        return NetHackNet(
+            obs_space,
+            num_actions,
+            hidden_size=model_cfg.hidden_size,
+            embedding_dim=model_cfg.embedding_dim,
+            crop_size=model_cfg.crop_size,
+        )
+    from oni_sys.models.mlp import MLPNet
+
+    return MLPNet(
+        obs_space,
+        num_actions,
+        hidden_size=model_cfg.hidden_size,
+        num_layers=model_cfg.num_layers,
+        activation=model_cfg.activation,
+        core=model_cfg.core,
+    )

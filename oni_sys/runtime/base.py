@@ -1,0 +1,81 @@
+"""What both runtimes share: run directory, resume, the training loop's skeleton, Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from oni_sys.config import Config
+from oni_sys.runtime.run_dir import RunDirectory, load_checkpoint, resolve_run_dir
+from oni_sys.runtime.tracker import Reporter, Tracker
+
+logger = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Wires env runners and the policy learner; subclasses say where they run.
+
+    Call :meth:`setup` (builds everything, restores a checkpoint when resuming), then
+    :meth:`run`, which trains until the budget is spent or Ctrl-C, always leaving a checkpoint.
+    """
+
+    def __init__(self, cfg: Config, reporter: Reporter | None = None):
+        self.cfg = cfg
+        self.reporter = reporter
+        self.run_path: Path | None = None
+        self.checkpoint: dict[str, Any] | None = None
+        self.interrupted = False
+
+    def setup(self) -> None:
+        """Create the run directory and the roles; restore the latest checkpoint on resume."""
+        self.run_path, resuming = resolve_run_dir(self.cfg)
+        self.checkpoint = load_checkpoint(self.run_path) if resuming else None
+        resume_steps = self.checkpoint["tracker"]["env_steps"] if self.checkpoint else None
+        self.run_dir = RunDirectory(self.run_path, self.cfg, resume_env_steps=resume_steps)
+        self.tracker = Tracker(self.cfg, self.run_dir, self.reporter)
+        if self.checkpoint:
+            self.tracker.load_state_dict(self.checkpoint["tracker"])
+            logger.info("resuming %s at %d env steps", self.run_path, self.tracker.env_steps)
+        self._start_roles()
+
+    def run(self) -> Path:
+        """Train; returns the run directory. Ctrl-C stops cleanly with a checkpoint."""
+        try:
+            self._train_loop()
+        except KeyboardInterrupt:
+            self.interrupted = True
+            logger.warning("interrupted: writing a checkpoint and stopping")
+        finally:
+            try:
+                if self.tracker.updates > 0:
+                    self.save_checkpoint()
+                    self.tracker.log_row()
+            finally:
+                self.run_dir.close()
+                self._stop_roles()
+        return self.run_path
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the learner and the counters."""
+        state = self.tracker.checkpoint_state(self._learner_state())
+        return self.run_dir.save_checkpoint(state, self.tracker.env_steps)
+
+    def _after_update(self, stats: dict[str, float]) -> None:
+        if self.tracker.on_update(stats):
+            self.tracker.log_row()
+        if stats.get("trained") and self.tracker.checkpoint_due():
+            self.save_checkpoint()
+
+    # -- implemented by each runtime -----------------------------------------------------------
+    def _start_roles(self) -> None:
+        raise NotImplementedError
+
+    def _train_loop(self) -> None:
+        raise NotImplementedError
+
+    def _learner_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _stop_roles(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,151 @@
+"""The run directory: config, checkpoints, metrics.jsonl and TensorBoard events.
+
+``runs/<name>/``
+    ``config.yaml``          the resolved config
+    ``metrics.jsonl``        one JSON object per logged update
+    ``checkpoints/``         ``ckpt_<env_steps>.pt`` (the newest ``keep`` of them) and ``latest.pt``
+    ``tb/``                  TensorBoard event files
+
+Everything here is written atomically (temporary file, then rename), so a killed run leaves
+either the old or the new version of a file, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oni_sys.config import Config, ConfigError, to_yaml
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl`` (a torn final line from a killed process is skipped)."""
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def resolve_run_dir(cfg: Config) -> tuple[Path, bool]:
+    """The run directory and whether it resumes: ``resume`` if given, else a fresh directory.
+
+    A fresh run never writes into an existing run: ``runs/<name>`` is suffixed ``-1``, ``-2``...
+    when taken.
+    """
+    if cfg.resume:
+        path = Path(cfg.resume)
+        if not (path / "checkpoints" / "latest.pt").is_file():
+            raise ConfigError(
+                [
+                    f"resume: {cfg.resume!r} holds no checkpoints/latest.pt; give a run directory "
+                    "written by oni-sys train"
+                ]
+            )
+        return path, True
+    base = Path(cfg.runs_dir) / cfg.name
+    path, k = base, 0
+    while path.exists() and any(path.iterdir()):
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path, False
+
+
+class RunDirectory:
+    """Writes a run's config, metrics and checkpoints."""
+
+    def __init__(self, path: Path, cfg: Config, resume_env_steps: int | None = None):
+        self.path = Path(path)
+        self.ckpt_dir = self.path / "checkpoints"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.keep = cfg.train.keep_checkpoints
+        atomic_write_bytes(self.path / "config.yaml", to_yaml(cfg).encode())
+        if resume_env_steps is not None:
+            # Rows logged after the checkpoint we resume from belong to a future that no longer
+            # happens: drop them so the curve continues from the checkpoint without a fork.
+            rows = [
+                r for r in read_metrics(self.metrics_path) if r["env_steps"] <= resume_env_steps
+            ]
+            text = "".join(json.dumps(r) + "\n" for r in rows)
+            atomic_write_bytes(self.metrics_path, text.encode())
+        self._metrics = open(self.metrics_path, "a")  # noqa: SIM115 (kept open for the run)
+        self._tb = None
+        if cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.path / "tb"), purge_step=resume_env_steps)
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append one metrics row (one ``write`` call, flushed) and mirror it to TensorBoard."""
+        row = {k: _json_safe(v) for k, v in row.items()}
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            step = int(row["env_steps"])
+            for key, value in row.items():
+                if key != "env_steps" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def save_checkpoint(self, state: dict[str, Any], env_steps: int) -> Path:
+        """Write ``ckpt_<env_steps>.pt`` and ``latest.pt`` atomically; keep the newest N."""
+        path = self.ckpt_dir / f"ckpt_{env_steps:012d}.pt"
+        tmp = self.ckpt_dir / f".{path.name}.tmp"
+        torch.save(state, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        latest_tmp = self.ckpt_dir / ".latest.pt.tmp"
+        latest_tmp.unlink(missing_ok=True)
+        os.link(path, latest_tmp)
+        os.replace(latest_tmp, self.ckpt_dir / "latest.pt")
+        for old in sorted(self.ckpt_dir.glob("ckpt_*.pt"))[: -self.keep]:
+            old.unlink()
+        logger.info("checkpoint %s", path)
+        return path
+
+    def close(self) -> None:
+        """Flush and close the metrics file and TensorBoard writer."""
+        self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    """The latest checkpoint of a run."""
+    return torch.load(Path(run_dir) / "checkpoints" / "latest.pt", weights_only=False)

@@ -1,0 +1,43 @@
+"""The serial runtime: every role in this process, one step at a time, deterministic for a seed.
+
+The mode to debug in: breakpoints work anywhere, and two runs with the same seed produce the
+same metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oni_sys.actors.env_runner import EnvRunner
+from oni_sys.learners.policy_learner import PolicyLearner
+from oni_sys.runtime.base import Runtime
+
+
+class SerialRuntime(Runtime):
+    """One env runner and the learner, called in turn."""
+
+    def _start_roles(self) -> None:
+        offset = self.tracker.updates  # a resumed run plays new episodes, not the old ones again
+        self.runner = EnvRunner(self.cfg, runner_index=0, seed_offset=offset)
+        self.learner = PolicyLearner(self.cfg, self.runner.obs_space, self.runner.num_actions)
+        if self.checkpoint:
+            self.learner.load_state_dict(self.checkpoint["learner"]["state"])
+        self.runner.set_weights(self.learner.get_weights(), self.learner.version)
+
+    def _train_loop(self) -> None:
+        per_batch = self.cfg.algo.fragments_per_batch
+        while not self.tracker.finished():
+            fragments = []
+            for _ in range(per_batch):
+                fragment = self.runner.sample()
+                self.tracker.on_fragment(fragment.env_steps, fragment.episodes)
+                fragments.append(fragment)
+            stats = self.learner.learn(fragments)
+            self.runner.set_weights(self.learner.get_weights(), self.learner.version)
+            self._after_update(stats)
+
+    def _learner_state(self) -> dict[str, Any]:
+        return {"state": self.learner.state_dict()}
+
+    def _stop_roles(self) -> None:
+        self.runner.close()

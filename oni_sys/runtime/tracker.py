@@ -1,0 +1,154 @@
+"""Bookkeeping shared by both runtimes: counters, stopping, metrics rows, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from oni_sys.config import Config, config_to_dict
+from oni_sys.runtime.run_dir import RunDirectory
+
+logger = logging.getLogger(__name__)
+
+#: Called with every metrics row; the CLI uses it to drive the progress bar.
+Reporter = Callable[[dict[str, Any]], None]
+
+
+class Tracker:
+    """Counts env steps, episodes and updates; decides when to log, checkpoint and stop."""
+
+    def __init__(self, cfg: Config, run_dir: RunDirectory, reporter: Reporter | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.reporter = reporter
+        self.env_steps = 0
+        self.episodes = 0
+        self.updates = 0
+        self.runner_restarts = 0
+        self.wall_time_before = 0.0
+        self.start = time.perf_counter()
+        self.returns: deque[float] = deque(maxlen=cfg.train.return_window)
+        self.lengths: deque[float] = deque(maxlen=cfg.train.return_window)
+        self.extras: dict[str, deque[float]] = {}
+        self._window: list[dict[str, float]] = []
+        self._last_log_time = self.start
+        self._last_log_steps = 0
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, episode windows and the driver's RNG state."""
+        return {
+            "env_steps": self.env_steps,
+            "episodes": self.episodes,
+            "updates": self.updates,
+            "runner_restarts": self.runner_restarts,
+            "wall_time": self.wall_time(),
+            "returns": list(self.returns),
+            "lengths": list(self.lengths),
+            "extras": {k: list(v) for k, v in self.extras.items()},
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.env_steps = int(state["env_steps"])
+        self.episodes = int(state["episodes"])
+        self.updates = int(state["updates"])
+        self.runner_restarts = int(state["runner_restarts"])
+        self.wall_time_before = float(state["wall_time"])
+        self.returns.extend(state["returns"])
+        self.lengths.extend(state["lengths"])
+        for key, values in state["extras"].items():
+            self.extras.setdefault(key, deque(maxlen=self.cfg.train.return_window)).extend(values)
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        self._last_log_steps = self.env_steps
+
+    def checkpoint_state(self, learner_state: dict[str, Any]) -> dict[str, Any]:
+        """The whole checkpoint: learner, counters and config."""
+        return {
+            "learner": learner_state,
+            "tracker": self.state_dict(),
+            "config": config_to_dict(self.cfg),
+        }
+
+    # -- events --------------------------------------------------------------------------------
+    def wall_time(self) -> float:
+        """Seconds of training, summed over every session of this run."""
+        return self.wall_time_before + time.perf_counter() - self.start
+
+    def on_fragment(self, env_steps: int, episodes: list[dict[str, float]]) -> None:
+        """Count a fragment's steps and finished episodes."""
+        self.env_steps += env_steps
+        self.episodes += len(episodes)
+        for ep in episodes:
+            self.returns.append(ep["return"])
+            self.lengths.append(ep["length"])
+            for key, value in ep.items():
+                if key not in ("return", "length"):
+                    self.extras.setdefault(key, deque(maxlen=self.cfg.train.return_window))
+                    self.extras[key].append(float(value))
+
+    def on_update(self, stats: dict[str, float]) -> bool:
+        """Record one learner update; returns True when a metrics row is due."""
+        if stats.get("trained"):
+            self.updates += 1
+        self._window.append(stats)
+        return self.updates % self.cfg.train.log_every_updates == 0 and bool(stats.get("trained"))
+
+    def checkpoint_due(self) -> bool:
+        """True every ``train.checkpoint_every_updates`` updates."""
+        return self.updates > 0 and self.updates % self.cfg.train.checkpoint_every_updates == 0
+
+    def return_mean(self) -> float:
+        """Mean undiscounted return of the last ``train.return_window`` episodes (NaN if none)."""
+        return float(np.mean(self.returns)) if self.returns else float("nan")
+
+    def finished(self) -> bool:
+        """Budget spent, or the target return reached over a full window of episodes."""
+        if self.env_steps >= self.cfg.train.total_env_steps:
+            return True
+        target = self.cfg.train.stop_at_return
+        return (
+            target is not None
+            and len(self.returns) >= self.returns.maxlen
+            and self.return_mean() >= target
+        )
+
+    def log_row(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write one metrics row (averages over the updates since the last row) and report it."""
+        now = time.perf_counter()
+        elapsed = max(now - self._last_log_time, 1e-9)
+        row: dict[str, Any] = {
+            "env_steps": self.env_steps,
+            "sps": (self.env_steps - self._last_log_steps) / elapsed,
+            "episode_return_mean": self.return_mean(),
+            "episode_length_mean": float(np.mean(self.lengths)) if self.lengths else float("nan"),
+            "episodes": self.episodes,
+            "updates": self.updates,
+            "wall_time": self.wall_time(),
+            "runner_restarts": self.runner_restarts,
+        }
+        for key, values in self.extras.items():
+            row[f"{key}_mean"] = float(np.mean(values))
+        keys = {k for s in self._window for k in s}
+        for key in sorted(keys):
+            vals = [s[key] for s in self._window if key in s]
+            row[key] = float(np.mean(vals))
+        row.pop("trained", None)
+        row["policy_lag_max"] = max((s["policy_lag_max"] for s in self._window), default=0.0)
+        row["fragments_dropped"] = self._window[-1]["fragments_dropped"] if self._window else 0
+        row.update(extra or {})
+        self._window.clear()
+        self._last_log_time, self._last_log_steps = now, self.env_steps
+        self.run_dir.log(row)
+        if self.reporter is not None:
+            self.reporter(row)
+        return row
