@@ -1,0 +1,191 @@
+"""NetHack (NLE) environments, episode statistics and the message captioner.
+
+NLE is imported lazily so the rest of ``oni_sys`` works without the optional ``nle`` extra.
+
+Two NLE 1.3.0 behaviours shape this module:
+
+* NLE reuses its observation buffers: the arrays returned by ``reset``/``step`` are views that
+  the next ``step`` overwrites in place. Copy an observation if you keep it past the next step.
+* On the step that ends a game (death, task success or NLE's own ``max_episode_steps`` abort,
+  all reported as ``terminated=True``), NetHack has already shut down and the returned
+  ``glyphs``/``blstats``/``message`` are all zeros. :class:`NetHackStats` therefore reports the
+  score and depth last seen while the game was still running.
+* ``reset(seed=...)`` does not seed NetHack itself; :class:`NetHackStats` forwards the seed to
+  NLE's own ``seed()`` so that a seeded reset really replays the same game.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, SupportsFloat
+
+import gymnasium
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Our task names -> NLE gym ids (registered by ``import nle``).
+NETHACK_TASKS: dict[str, str] = {
+    "Score": "NetHackScore-v0",
+    "Staircase": "NetHackStaircase-v0",
+    "Oracle": "NetHackOracle-v0",
+    "Gold": "NetHackGold-v0",
+    "Eat": "NetHackEat-v0",
+    "Scout": "NetHackScout-v0",
+    "Challenge": "NetHackChallenge-v0",
+}
+
+DEFAULT_OBSERVATION_KEYS: tuple[str, ...] = ("glyphs", "blstats", "message")
+
+# Fallback blstats indices (NLE's NLE_BL_SCORE / NLE_BL_DEPTH); the constants are read from
+# nle when it is importable, these only document the layout.
+_BL_SCORE = 9
+_BL_DEPTH = 12
+
+_NLE_MISSING = "NetHack environments need the nle package: pip install 'oni-sys[nethack]'"
+
+# Bounded so a long run with ever-new messages (they embed names, counts, ...) cannot grow it.
+_CAPTION_CACHE_SIZE = 4096
+
+
+def _import_nle() -> Any:
+    """Import nle (which registers the NetHack gym ids) or raise a helpful ImportError."""
+    try:
+        import nle  # noqa: F401  (import registers the envs)
+        from nle import nethack
+    except ImportError as exc:
+        raise ImportError(_NLE_MISSING) from exc
+    return nethack
+
+
+class NetHackStats(gymnasium.Wrapper):
+    """Put ``info["episode_extras"] = {"score", "depth"}`` on every reset and step.
+
+    The values come from ``blstats``. On the terminal step NLE hands back zeroed ``blstats``,
+    so the wrapper keeps the values from the last step on which the game was still running;
+    the extras of the final step are the episode's real final score and dungeon depth.
+    """
+
+    def __init__(self, env: gymnasium.Env) -> None:
+        super().__init__(env)
+        spaces = getattr(env.observation_space, "spaces", {})
+        if "blstats" not in spaces:
+            raise ValueError(
+                f"NetHackStats needs 'blstats' among the observation keys; got {sorted(spaces)}"
+            )
+        try:
+            nethack = _import_nle()
+            self._score_index = int(nethack.NLE_BL_SCORE)
+            self._depth_index = int(nethack.NLE_BL_DEPTH)
+        except (ImportError, AttributeError):
+            self._score_index, self._depth_index = _BL_SCORE, _BL_DEPTH
+        self._score = 0.0
+        self._depth = 0.0
+
+    def _seed_nethack(self, seed: int) -> None:
+        core, disp = (int(v) for v in np.random.SeedSequence(seed).generate_state(2))
+        try:
+            # reseed=False: NetHack would otherwise re-draw true randomness mid-game. The seeds
+            # apply to the next reset only; later episodes are random again.
+            self.unwrapped.seed(core=core, disp=disp, reseed=False)
+        except RuntimeError:
+            # NetHackChallenge forbids seeding by design.
+            logger.warning("%s does not accept seeds; the game stays random", self.unwrapped)
+
+    def _update(self, blstats: np.ndarray) -> None:
+        # Depth is >= 1 in any running game, so 0 means NLE zeroed the buffer.
+        depth = float(blstats[self._depth_index])
+        if depth > 0:
+            self._score = float(blstats[self._score_index])
+            self._depth = depth
+
+    def _extras(self) -> dict[str, float]:
+        return {"score": self._score, "depth": self._depth}
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Reset the env and start tracking a new episode.
+
+        A ``seed`` also seeds NetHack's own RNGs for this episode: NLE's ``reset(seed=...)``
+        only seeds gymnasium's ``np_random`` and leaves the game itself random.
+        """
+        if seed is not None:
+            self._seed_nethack(seed)
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._score = 0.0
+        self._depth = 0.0
+        self._update(obs["blstats"])
+        info = dict(info)
+        info["episode_extras"] = self._extras()
+        return obs, info
+
+    def step(
+        self, action: Any
+    ) -> tuple[dict[str, np.ndarray], SupportsFloat, bool, bool, dict[str, Any]]:
+        """Step the env, adding the episode extras to ``info``."""
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        # A terminated step means NetHack has ended the game and its blstats are zeros; a
+        # truncation by a gymnasium TimeLimit still carries the real, live observation.
+        if not terminated:
+            self._update(obs["blstats"])
+        info = dict(info)
+        info["episode_extras"] = self._extras()
+        return obs, reward, terminated, truncated, info
+
+
+def make_nethack_env(task: str, **kwargs: Any) -> gymnasium.Env:
+    """Create the NLE env for ``task`` (a key of :data:`NETHACK_TASKS`), wrapped in NetHackStats.
+
+    ``kwargs`` go to the NLE constructor (``character``, ``savedir``, ``penalty_step``, ...).
+    ``observation_keys`` defaults to ``("glyphs", "blstats", "message")``. ``max_episode_steps``
+    is handed to NLE itself (which quits the game cleanly and ends the episode with
+    ``terminated=True``), not to a gymnasium ``TimeLimit`` as ``gymnasium.make`` would do.
+    """
+    if task not in NETHACK_TASKS:
+        raise ValueError(
+            f"Unknown NetHack task {task!r}; allowed tasks: {', '.join(sorted(NETHACK_TASKS))}"
+        )
+    _import_nle()
+    kwargs.setdefault("observation_keys", DEFAULT_OBSERVATION_KEYS)
+    spec = gymnasium.spec(NETHACK_TASKS[task])
+    if "max_episode_steps" in kwargs:
+        # gymnasium.make would swallow this keyword for its own TimeLimit wrapper.
+        spec = dataclasses.replace(
+            spec, kwargs={**spec.kwargs, "max_episode_steps": kwargs.pop("max_episode_steps")}
+        )
+    # The passive checker only inspects the first reset/step; NLE's spaces are known-good.
+    env = gymnasium.make(spec, disable_env_checker=True, **kwargs)
+    logger.debug("Created %s for task %s", spec.id, task)
+    return NetHackStats(env)
+
+
+@functools.lru_cache(maxsize=_CAPTION_CACHE_SIZE)
+def _decode_bytes(raw: bytes) -> str | None:
+    text = raw.decode("latin-1").strip()
+    return text or None
+
+
+def decode_message(message: np.ndarray) -> str | None:
+    """Decode an NLE ``message`` array: bytes up to the first NUL, latin-1, stripped.
+
+    Returns None for an empty (or all-blank) message.
+    """
+    if message.size == 0 or message.flat[0] == 0:
+        return None
+    if message.dtype != np.uint8:
+        # e.g. a batch copied into a wider integer buffer: one byte per character again.
+        message = message.astype(np.uint8)
+    raw = message.tobytes()
+    end = raw.find(b"\0")
+    if end >= 0:
+        raw = raw[:end]
+    return _decode_bytes(raw)
+
+
+def nethack_captioner(obs: dict[str, np.ndarray], info: dict[str, Any]) -> str | None:
+    """Caption a NetHack step by its in-game message (None when there is none)."""
+    del info  # The message is the whole caption; info carries nothing textual.
+    return decode_message(obs["message"])

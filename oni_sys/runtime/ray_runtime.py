@@ -1,0 +1,217 @@
+"""The Ray runtime: env runners and the policy learner as Ray actors.
+
+Fragments travel from runners to the learner through the object store (the driver only passes
+references and a small summary); weights travel back as one object that every runner reads.
+Each runner has exactly one ``sample`` call outstanding and the learner at most
+``runtime.max_fragments_in_flight`` fragments queued, so memory stays bounded however fast the
+runners are. A runner whose process dies is replaced and training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from oni_sys.actors.env_runner import EnvRunner, Fragment
+from oni_sys.config import Config
+from oni_sys.learners.policy_learner import PolicyLearner
+from oni_sys.runtime.base import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+class RunnerActor(EnvRunner):
+    """An env runner that answers with (fragment, small summary) as two objects."""
+
+    def sample_with_summary(self) -> tuple[Fragment, dict[str, Any]]:
+        """Sample a fragment; the summary is what the driver needs without the arrays."""
+        fragment = self.sample()
+        summary = {
+            "env_steps": fragment.env_steps,
+            "episodes": fragment.episodes,
+            "policy_version": fragment.policy_version,
+            "sample_time": fragment.sample_time,
+        }
+        return fragment, summary
+
+    def load_packet(self, packet: dict[str, Any]) -> None:
+        """Load a ``{"weights", "version"}`` packet published by the learner."""
+        self.set_weights(packet["weights"], packet["version"])
+
+    def pid(self) -> int:
+        """Process id (tests use it to kill a runner)."""
+        return os.getpid()
+
+
+class LearnerActor(PolicyLearner):
+    """The policy learner, publishing weights together with their version."""
+
+    def __init__(self, cfg: Config, runner_probe: dict[str, Any]):
+        super().__init__(cfg, runner_probe["obs_space"], runner_probe["num_actions"])
+
+    def learn_many(self, *fragments: Fragment) -> dict[str, float]:
+        """Learn on fragments passed as separate arguments (Ray resolves each reference)."""
+        stats = self.learn(list(fragments))
+        stats["version"] = float(self.version)
+        return stats
+
+    def weights_packet(self) -> dict[str, Any]:
+        """Weights and their version, as one object for every runner to read."""
+        return {"weights": self.get_weights(), "version": self.version}
+
+
+def _probe_env(cfg: Config) -> dict[str, Any]:
+    """Observation space and action count, read from one env on the driver."""
+    from oni_sys.envs.spaces import dict_space, num_actions
+    from oni_sys.envs.spec import make_env
+
+    env = make_env(cfg.env.id, cfg.env.kwargs)
+    try:
+        return {
+            "obs_space": dict_space(env.observation_space),
+            "num_actions": num_actions(env.action_space),
+        }
+    finally:
+        env.close()
+
+
+class RayRuntime(Runtime):
+    """Env runners and the learner as Ray actors, coordinated by this driver."""
+
+    def _start_roles(self) -> None:
+        import ray
+
+        rt = self.cfg.runtime
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        self._started_ray = False
+        if not ray.is_initialized():
+            if rt.address:
+                ray.init(address=rt.address, log_to_driver=True)
+            else:
+                # A local instance: bound to loopback, with enough logical CPUs for every actor
+                # even on a small machine (the actors share the cores; Ray only counts).
+                need = rt.num_env_runners * rt.cpus_per_env_runner + rt.learner_cpus
+                ray.init(
+                    num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    log_to_driver=True,
+                )
+            self._started_ray = True
+        gpus = rt.learner_gpus
+        if gpus < 0:
+            gpus = 1.0 if torch.cuda.is_available() or _cluster_has_gpu() else 0.0
+        probe = _probe_env(self.cfg)
+        self.learner = (
+            ray.remote(LearnerActor)
+            .options(num_cpus=rt.learner_cpus, num_gpus=gpus, max_concurrency=1)
+            .remote(self.cfg, probe)
+        )
+        if self.checkpoint:
+            ray.get(self.learner.load_state_dict.remote(self.checkpoint["learner"]["state"]))
+        self._runner_cls = ray.remote(RunnerActor).options(num_cpus=rt.cpus_per_env_runner)
+        self.runners: list[Any] = [None] * rt.num_env_runners
+        self._spawned = 0
+        self.weights = self.learner.weights_packet.remote()
+        for i in range(rt.num_env_runners):
+            self._spawn_runner(i)
+
+    def _spawn_runner(self, index: int) -> None:
+        # Every runner ever started gets a fresh seed offset: a replacement plays new episodes.
+        self._spawned += 1
+        offset = self.tracker.updates * 1000 + self._spawned
+        runner = self._runner_cls.remote(self.cfg, index, offset)
+        runner.load_packet.remote(self.weights)
+        self.runners[index] = runner
+
+    def _train_loop(self) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        rt = self.cfg.runtime
+        per_batch = self.cfg.algo.fragments_per_batch
+        max_batches = max(1, rt.max_fragments_in_flight // per_batch)
+        sampling: dict[Any, tuple[int, Any]] = {}  # summary ref -> (runner index, fragment ref)
+        learning: list[Any] = []
+        ready_fragments: list[Any] = []
+
+        def request(index: int) -> None:
+            frag_ref, summary_ref = (
+                self.runners[index].sample_with_summary.options(num_returns=2).remote()
+            )
+            sampling[summary_ref] = (index, frag_ref)
+
+        for i in range(len(self.runners)):
+            request(i)
+        updates_since_broadcast = 0
+        while not self.tracker.finished() or learning:
+            if learning and (len(learning) >= max_batches or self.tracker.finished()):
+                done, learning = ray.wait(learning, num_returns=1)
+                stats = ray.get(done[0])
+                self._after_update(stats)
+                updates_since_broadcast += 1
+                if updates_since_broadcast >= rt.broadcast_every:
+                    updates_since_broadcast = 0
+                    self.weights = self.learner.weights_packet.remote()
+                    for runner in self.runners:
+                        runner.load_packet.remote(self.weights)
+                continue
+            if self.tracker.finished():
+                continue
+            done, _ = ray.wait(list(sampling), num_returns=1)
+            index, frag_ref = sampling.pop(done[0])
+            try:
+                summary = ray.get(done[0])
+            except RayActorError as exc:
+                self._replace_runner(index, exc)
+                request(index)
+                continue
+            request(index)
+            self.tracker.on_fragment(summary["env_steps"], summary["episodes"])
+            ready_fragments.append(frag_ref)
+            if len(ready_fragments) >= per_batch:
+                learning.append(self.learner.learn_many.remote(*ready_fragments))
+                ready_fragments = []
+        for ref in sampling:  # runners still sampling: their fragments are not needed
+            ray.cancel(ref, force=False)
+
+    def _replace_runner(self, index: int, exc: Exception) -> None:
+        import ray
+
+        self.tracker.runner_restarts += 1
+        if self.tracker.runner_restarts > self.cfg.runtime.max_runner_restarts:
+            raise RuntimeError(
+                f"env runners crashed {self.tracker.runner_restarts} times, more than "
+                f"runtime.max_runner_restarts={self.cfg.runtime.max_runner_restarts}; last: {exc}"
+            ) from exc
+        logger.warning("env runner %d died (%s); starting a replacement", index, type(exc).__name__)
+        try:
+            ray.kill(self.runners[index])
+        except Exception:  # noqa: BLE001 (already gone is the usual case)
+            pass
+        self._spawn_runner(index)
+
+    def _learner_state(self) -> dict[str, Any]:
+        import ray
+
+        return {"state": ray.get(self.learner.state_dict.remote())}
+
+    def _stop_roles(self) -> None:
+        import ray
+
+        for runner in getattr(self, "runners", []):
+            if runner is not None:
+                ray.kill(runner)
+        if getattr(self, "learner", None) is not None:
+            ray.kill(self.learner)
+        if getattr(self, "_started_ray", False):
+            ray.shutdown()
+
+
+def _cluster_has_gpu() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

@@ -1,0 +1,83 @@
+"""Config loading and validation: every error at once, exit code 2, one line each."""
+
+from __future__ import annotations
+
+import pytest
+
+from oni_sys.config import ConfigError, load_config
+
+
+def _errors(overrides: list[str]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/cartpole.yaml", overrides)
+    return info.value.errors
+
+
+def test_overrides_apply_and_parse_numbers():
+    cfg = load_config(
+        "configs/cartpole.yaml",
+        ["algo.lr=3e-4", "runtime.kind=serial", "env.kwargs.max_episode_steps=50"],
+    )
+    assert cfg.algo.lr == pytest.approx(3e-4)
+    assert cfg.env.kwargs == {"max_episode_steps": 50}
+    assert cfg.env.id == "gym:CartPole-v1"
+
+
+def test_unknown_key_names_nearest():
+    (err,) = _errors(["algo.lrr=3e-4"])
+    assert "algo.lrr" in err and "did you mean algo.lr?" in err
+
+
+def test_wrong_type_names_expected_type():
+    (err,) = _errors(["env.num_envs=many"])
+    assert "env.num_envs" in err and "expected an integer" in err and "'many'" in err
+
+
+def test_out_of_range_names_bound():
+    (err,) = _errors(["algo.gamma=1.5"])
+    assert "algo.gamma" in err and "<= 1.0" in err
+
+
+def test_bad_choice_lists_allowed():
+    (err,) = _errors(["runtime.kind=spark"])
+    assert "serial, ray" in err
+
+
+def test_unknown_env_id_suggests():
+    (err,) = _errors(["env.id=gym:CartPol-v1"])
+    assert "did you mean gym:CartPole-v1" in err and "accepted forms" in err
+
+
+def test_every_error_reported_at_once():
+    errs = _errors(["algo.lrr=1", "env.num_envs=0", "algo.clip_coef=x", "env.id=nle:Nope"])
+    assert len(errs) == 4
+    assert any(e.startswith("env.id:") and "Score" in e for e in errs)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("algo.lrr=3e-4", "did you mean algo.lr?"),
+        ("train.total_env_steps=lots", "expected an integer"),
+        ("algo.lr=-1", "must be > 0.0"),
+        ("env.id=gym:NoSuchEnv-v9", "unknown environment"),
+    ],
+)
+def test_cli_exits_2_with_one_line(cli, override, needle, tmp_path):
+    result = cli("train", "configs/cartpole.yaml", override, f"runs_dir={tmp_path}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("config error: ") and needle in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir()), "nothing may start before the config is valid"
+
+
+def test_missing_config_file(cli):
+    result = cli("train", "configs/nope.yaml")
+    assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+def test_resume_without_checkpoint(cli, tmp_path):
+    result = cli("train", "configs/cartpole.yaml", f"resume={tmp_path}")
+    assert result.returncode == 2 and "no checkpoints/latest.pt" in result.stderr
