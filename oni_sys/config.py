@@ -116,8 +116,8 @@ class Config:
     """A whole experiment."""
 
     name: str = _f("run", help="run name: the run directory is <runs_dir>/<name>")
-    runs_dir: str = _f("runs")
-    seed: int = _f(0, min=0)
+    runs_dir: str = _f("runs", help="parent directory of run directories")
+    seed: int = _f(0, min=0, help="seeds envs, policy init and sampling")
     resume: str | None = _f(None, help="run directory to resume from")
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -325,3 +325,60 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML text."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def describe_config() -> str:
+    """Markdown reference of every config key (``docs/CONFIG.md`` is this text)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `oni_sys/config.py` by `python -m oni_sys.config > docs/CONFIG.md`;",
+        "a test keeps the two in step. Override any key on the command line as `section.key=value`.",
+        "",
+    ]
+
+    def section(cls: type, prefix: str) -> None:
+        hints = get_type_hints(cls)
+        rows, subs = [], []
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                subs.append((hints[f.name], f"{prefix}{f.name}."))
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            meta = dict(f.metadata)
+            rules = []
+            if "choices" in meta:
+                rules.append(" / ".join(map(str, meta["choices"])))
+            if "min" in meta:
+                rules.append(f">= {meta['min']}")
+            if "gt" in meta:
+                rules.append(f"> {meta['gt']}")
+            if "max" in meta:
+                rules.append(f"<= {meta['max']}")
+            rows.append(
+                f"| `{prefix}{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | "
+                f"{', '.join(rules)} | {meta.get('help', '')} |"
+            )
+        if rows:
+            title = prefix.rstrip(".") or "top level"
+            lines.extend(
+                [
+                    f"## {title}",
+                    "",
+                    (cls.__doc__ or "").strip(),
+                    "",
+                    "| key | type | default | allowed | meaning |",
+                    "|---|---|---|---|---|",
+                    *rows,
+                    "",
+                ]
+            )
+        for sub_cls, sub_prefix in subs:
+            section(sub_cls, sub_prefix)
+
+    section(Config, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe_config(), end="")

@@ -81,3 +81,14 @@ def test_missing_config_file(cli):
 def test_resume_without_checkpoint(cli, tmp_path):
     result = cli("train", "configs/cartpole.yaml", f"resume={tmp_path}")
     assert result.returncode == 2 and "no checkpoints/latest.pt" in result.stderr
+
+
+def test_config_reference_is_current():
+    from pathlib import Path
+
+    from oni_sys.config import describe_config
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
+    assert doc.read_text() == describe_config(), (
+        "regenerate: python -m oni_sys.config > docs/CONFIG.md"
+    )

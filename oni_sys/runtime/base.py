@@ -50,6 +50,7 @@ class Runtime:
             try:
                 if self.tracker.updates > 0:
                     self.save_checkpoint()
+                if self.tracker.has_unlogged_updates():
                     self.tracker.log_row()
             finally:
                 self.run_dir.close()

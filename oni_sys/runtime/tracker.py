@@ -39,6 +39,7 @@ class Tracker:
         self._window: list[dict[str, float]] = []
         self._last_log_time = self.start
         self._last_log_steps = 0
+        self._fragments_dropped = 0.0
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -101,11 +102,16 @@ class Tracker:
         if stats.get("trained"):
             self.updates += 1
         self._window.append(stats)
+        self._fragments_dropped = stats.get("fragments_dropped", self._fragments_dropped)
         return self.updates % self.cfg.train.log_every_updates == 0 and bool(stats.get("trained"))
 
     def checkpoint_due(self) -> bool:
         """True every ``train.checkpoint_every_updates`` updates."""
         return self.updates > 0 and self.updates % self.cfg.train.checkpoint_every_updates == 0
+
+    def has_unlogged_updates(self) -> bool:
+        """True if steps or updates happened since the last metrics row."""
+        return bool(self._window) or self.env_steps != self._last_log_steps
 
     def return_mean(self) -> float:
         """Mean undiscounted return of the last ``train.return_window`` episodes (NaN if none)."""
@@ -143,8 +149,9 @@ class Tracker:
             vals = [s[key] for s in self._window if key in s]
             row[key] = float(np.mean(vals))
         row.pop("trained", None)
+        row.setdefault("policy_lag_mean", float("nan"))  # no update since the last row
         row["policy_lag_max"] = max((s["policy_lag_max"] for s in self._window), default=0.0)
-        row["fragments_dropped"] = self._window[-1]["fragments_dropped"] if self._window else 0
+        row["fragments_dropped"] = self._fragments_dropped
         row.update(extra or {})
         self._window.clear()
         self._last_log_time, self._last_log_steps = now, self.env_steps
