@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -112,6 +113,50 @@ class TrainConfig:
 
 
 @dataclass
+class AnnotatorConfig:
+    """The LLM annotation service (see docs/ANNOTATOR.md)."""
+
+    backend: str = _f(
+        "llamacpp",
+        choices=["openai", "vllm", "llamacpp", "rules"],
+        help="llamacpp: embedded Gemma 3 270M in-process; openai: any compatible server; "
+        "vllm: started on a GPU Ray actor; rules: regular expressions (ablations, tests)",
+    )
+    base_url: str = _f("http://127.0.0.1:8000/v1", help="openai backend: server URL up to /v1")
+    model: str | None = _f(
+        None,
+        help="openai/vllm: model name; llamacpp: a GGUF path (null: the embedded Gemma 3 270M)",
+    )
+    api_key_env: str = _f("OPENAI_API_KEY", help="environment variable holding the API key")
+    concurrency: int = _f(8, min=1, help="requests in flight at once")
+    timeout_s: float = _f(60.0, gt=0.0, help="per-request timeout")
+    max_retries: int = _f(5, min=0, help="retries of a failed request (exponential backoff)")
+    max_parse_retries: int = _f(
+        2, min=0, help="re-asks of an unparseable answer before unlabelable"
+    )
+    store: str | None = _f(None, help="SQLite label store; null: <run dir>/labels.sqlite")
+    prompt: str = _f(
+        "classification",
+        help="classification | ranking, or a path to a template file",
+    )
+    goal: str = _f(
+        "score",
+        help="score | zero_knowledge | combat | gold | stairs, or free text saying what counts as progress",
+    )
+    few_shot: bool = _f(True, help="include the template's worked examples")
+    split_sentences: bool = _f(True, help="label each sentence of a message, combine with max")
+    number_template: bool = _f(False, help="ask once for captions that differ only in numbers")
+    threshold: float = _f(0.5, min=0.0, max=1.0, help="probability of yes at which a label is 1")
+    rules: list[Any] = _f(
+        [], help="rules backend: list of {pattern: <regex>, label: 0|1}; first match wins"
+    )
+    n_ctx: int = _f(2048, min=256, help="llamacpp: context length")
+    n_threads: int = _f(1, min=1, help="llamacpp: CPU threads")
+    tensor_parallel_size: int = _f(1, min=1, help="vllm: GPUs per model")
+    gpu_memory_utilization: float = _f(0.85, gt=0.0, max=1.0, help="vllm: GPU memory fraction")
+
+
+@dataclass
 class Config:
     """A whole experiment."""
 
@@ -124,6 +169,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
 
 
 class ConfigError(Exception):
@@ -153,6 +199,10 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> tuple[A
     if get_origin(tp) is dict:
         if not isinstance(value, dict):
             return value, f"{key}: expected a mapping, got {value!r}"
+        return value, None
+    if get_origin(tp) is list:
+        if not isinstance(value, list):
+            return value, f"{key}: expected a list, got {value!r}"
         return value, None
     if tp in (int, float) and isinstance(value, str):
         # YAML 1.1 reads "3e-4" (no dot) as a string; a number is clearly meant.
@@ -233,6 +283,17 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
         )
     if cfg.model.crop_size % 2 == 0:
         errors.append(f"model.crop_size: {cfg.model.crop_size} must be odd so the agent is centred")
+    for i, rule in enumerate(cfg.annotator.rules):
+        where = f"annotator.rules[{i}]"
+        if not isinstance(rule, dict) or set(rule) != {"pattern", "label"}:
+            errors.append(f"{where}: expected {{pattern: <regex>, label: 0|1}}, got {rule!r}")
+            continue
+        if rule["label"] not in (0, 1) or isinstance(rule["label"], bool):
+            errors.append(f"{where}.label: {rule['label']!r} is not allowed; use 0 or 1")
+        try:
+            re.compile(str(rule["pattern"]))
+        except re.error as exc:
+            errors.append(f"{where}.pattern: {rule['pattern']!r} is not a valid regex ({exc})")
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         errors.append(f"name: {cfg.name!r} is not a usable run name; use letters, digits, - and _")
 
@@ -294,13 +355,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError([f"{path}: not valid YAML ({exc})".replace("\n", " ")]) from None
     data = _deep_merge(data, parse_overrides(overrides or []))
     clean = _validate_section(Config, data, "", errors)
-    env_id = clean.get("env", {}).get("id")
-    if errors:
-        # Report a bad env id together with the other errors, not after they are fixed.
-        from oni_sys.envs.spec import check_env_spec
-
-        err = check_env_spec(env_id) if env_id is not None else None
-        raise ConfigError(errors + ([f"env.id: {err}"] if err else []))
+    # Cross-key rules run on the valid values (defaults stand in for invalid ones), so their
+    # problems are reported together with the per-key ones.
     cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), clean))
     _cross_checks(cfg, errors)
     if errors:
