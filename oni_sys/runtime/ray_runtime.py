@@ -91,6 +91,7 @@ class RayRuntime(Runtime):
             if rt.address:
                 ray.init(address=rt.address, log_to_driver=True)
             else:
+                _keep_ray_on_loopback()
                 # A local instance: bound to loopback, with enough logical CPUs for every actor
                 # even on a small machine (the actors share the cores; Ray only counts).
                 need = rt.num_env_runners * rt.cpus_per_env_runner + rt.learner_cpus
@@ -209,6 +210,20 @@ class RayRuntime(Runtime):
             ray.kill(self.learner)
         if getattr(self, "_started_ray", False):
             ray.shutdown()
+
+
+def _keep_ray_on_loopback() -> None:
+    """Make a locally started Ray instance listen on 127.0.0.1 only.
+
+    Ray 2.60 on Linux replaces a 127.0.0.1 node address with the machine's routable one (and
+    its servers then listen on every interface) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
+    Ray reads that variable once, at import, so the already imported constant is set too; the
+    processes Ray starts inherit the variable.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _cluster_has_gpu() -> bool:
