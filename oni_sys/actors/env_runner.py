@@ -6,9 +6,7 @@ serial runtime calls it directly, the Ray runtime wraps it in an actor.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,27 +15,12 @@ import numpy as np
 import torch
 
 from oni_sys.config import Config
+from oni_sys.envs.captions import caption_id, normalise_caption
 from oni_sys.envs.spaces import dict_space, num_actions, obs_to_dict
 from oni_sys.envs.spec import make_captioner, make_env
 from oni_sys.models import build_model
 
 logger = logging.getLogger(__name__)
-
-_SPACES = re.compile(r"\s+")
-
-
-def normalise_caption(text: str) -> str:
-    """Whitespace-collapsed, stripped caption text (what the caption id is computed on)."""
-    return _SPACES.sub(" ", text).strip()
-
-
-def caption_id(text: str) -> int:
-    """Stable 64-bit id of a caption: identical on every node and in every process.
-
-    0 is reserved for "no caption", so a text hashing to 0 is mapped to 1.
-    """
-    digest = hashlib.blake2b(normalise_caption(text).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") or 1
 
 
 @dataclass

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from oni_sys.actors.env_runner import EnvRunner, caption_id
+from oni_sys.actors.env_runner import EnvRunner
 from oni_sys.config import load_config
+from oni_sys.envs.captions import caption_id
 from oni_sys.learners.policy_learner import PolicyLearner
 from oni_sys.learners.vtrace import categorical_logp_entropy
 
