@@ -17,7 +17,9 @@ from oni_sys.config import ConfigError
 logger = logging.getLogger("oni_sys")
 
 USAGE = """oni-sys train CONFIG [key=value ...]     train (e.g. oni-sys train configs/cartpole.yaml algo.lr=3e-4)
-oni-sys eval RUN_DIR [key=value ...]     evaluate the latest checkpoint (e.g. episodes=10)"""
+oni-sys eval RUN_DIR [key=value ...]     evaluate the latest checkpoint (e.g. episodes=10)
+oni-sys annotate FILE [key=value ...]    label captions (.txt: one a line, .jsonl: {"caption": ...})
+oni-sys labels STORE [--reference FILE]  summarise a label store, agreement with a reference"""
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
@@ -96,6 +98,106 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _annotator_overrides(overrides: list[str]) -> list[str]:
+    """Accept ``backend=rules`` as short for ``annotator.backend=rules``."""
+    import dataclasses
+
+    from oni_sys.config import AnnotatorConfig
+
+    fields = {f.name for f in dataclasses.fields(AnnotatorConfig)}
+    return [
+        f"annotator.{item}" if item.split("=", 1)[0].split(".")[0] in fields else item
+        for item in overrides
+    ]
+
+
+def read_captions(path: Path) -> tuple[list[str], list[tuple[str, int]] | None]:
+    """Captions of a ``.txt`` (one a line) or ``.jsonl`` file, and its labels when it has them."""
+    import json
+
+    from oni_sys.annotators.report import load_reference
+
+    if not path.is_file():
+        raise ConfigError([f"{path}: caption file not found"])
+    if path.suffix == ".jsonl":
+        try:
+            rows = load_reference(path)
+        except ValueError as exc:
+            # Unlabelled JSONL is fine: only the caption is required.
+            captions = []
+            for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    captions.append(str(json.loads(line)["caption"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ConfigError(
+                        [f'{path}, line {lineno}: expected {{"caption": <text>}}']
+                    ) from exc
+            return captions, None
+        return [c for c, _ in rows], rows
+    if path.suffix != ".txt":
+        raise ConfigError([f"{path}: caption files are .txt (one caption a line) or .jsonl"])
+    return [line for line in path.read_text().splitlines() if line.strip()], None
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    """Label a file of captions into a store."""
+    from collections import Counter
+
+    from tqdm import tqdm
+
+    from oni_sys.annotators.report import labels_report
+    from oni_sys.annotators.service import AnnotationService
+    from oni_sys.config import load_config
+    from oni_sys.envs.captions import caption_id
+
+    cfg = load_config(None, _annotator_overrides(args.overrides))
+    captions, reference = read_captions(Path(args.file))
+    store = Path(cfg.annotator.store or Path(cfg.runs_dir) / "labels.sqlite")
+    service = AnnotationService(cfg.annotator, store)
+    try:
+        ids = [caption_id(c) for c in captions]
+        seen = Counter(ids)
+        service.submit(dict(zip(ids, captions)), dict(seen))
+        total = max(1, service.metrics()["annotator_queue"])
+        with tqdm(
+            total=total, unit="question", file=sys.stderr, disable=not sys.stderr.isatty()
+        ) as bar:
+            while not service.wait_idle(timeout=0.5):
+                m = service.metrics()
+                bar.n = max(0, total - m["annotator_queue"] - m["annotator_in_flight"])
+                bar.set_postfix_str(f"labels/s={m['labels_per_s']:.1f}", refresh=True)
+        m = service.metrics()
+    finally:
+        service.close()
+    print(
+        f"store: {store}\nannotator version: {service.version}\n"
+        f"captions: {len(seen)} unique of {len(captions)}  questions asked: {m['labels_total'] + m['unlabelable_total']}  "
+        f"requests: {m['annotator_requests_total']}  store hit rate: {_fmt(m['annotator_store_hit_rate'], '.2f')}  "
+        f"unlabelable: {m['unlabelable_total']}  parse failures: {m['annotator_parse_failures']}  "
+        f"backend errors: {m['annotator_backend_errors']}  latency p50: {_fmt(m['annotator_latency_p50'], '.3f')}s"
+    )
+    if reference is not None:
+        print(labels_report(store, service.version, Path(args.file)))
+    return 0
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    """Summarise a label store."""
+    from oni_sys.annotators.report import labels_report
+
+    try:
+        print(
+            labels_report(
+                Path(args.store), args.version, Path(args.reference) if args.reference else None
+            )
+        )
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``oni-sys`` console script."""
     parser = argparse.ArgumentParser(prog="oni-sys", usage=USAGE)
@@ -108,6 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("run_dir", help="a run directory, e.g. runs/cartpole")
     p_eval.add_argument("overrides", nargs="*", help="episodes=N, deterministic=true, seed=N")
     p_eval.set_defaults(func=cmd_eval)
+    p_annotate = sub.add_parser("annotate", help="label a file of captions into a store")
+    p_annotate.add_argument("file", help='captions: .txt (one a line) or .jsonl ({"caption": ...})')
+    p_annotate.add_argument(
+        "overrides", nargs="*", help="annotator keys, e.g. backend=rules store=labels.sqlite"
+    )
+    p_annotate.set_defaults(func=cmd_annotate)
+    p_labels = sub.add_parser("labels", help="summarise a label store")
+    p_labels.add_argument("store", help="a labels.sqlite file")
+    p_labels.add_argument("--reference", help='JSONL of {"caption": ..., "label": 0|1}')
+    p_labels.add_argument("--version", help="annotator version (default: every one stored)")
+    p_labels.set_defaults(func=cmd_labels)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,

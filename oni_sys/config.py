@@ -90,6 +90,7 @@ class RuntimeConfig:
     num_env_runners: int = _f(2, min=1, help="env runner actors (ray runtime)")
     cpus_per_env_runner: float = _f(1.0, gt=0.0, help="Ray CPU resource per env runner")
     learner_cpus: float = _f(1.0, gt=0.0, help="Ray CPU resource for the learner")
+    annotator_cpus: float = _f(1.0, gt=0.0, help="Ray CPU resource for the annotator actor")
     learner_gpus: float = _f(-1.0, help="GPUs for the learner; -1: one if CUDA is visible, else 0")
     max_fragments_in_flight: int = _f(4, min=1, help="fragments queued at the learner at most")
     broadcast_every: int = _f(1, min=1, help="send weights to env runners every K updates")
@@ -116,6 +117,7 @@ class TrainConfig:
 class AnnotatorConfig:
     """The LLM annotation service (see docs/ANNOTATOR.md)."""
 
+    enabled: bool = _f(False, help="run the annotator during training (labels new captions)")
     backend: str = _f(
         "llamacpp",
         choices=["openai", "vllm", "llamacpp", "rules"],
@@ -283,6 +285,15 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
         )
     if cfg.model.crop_size % 2 == 0:
         errors.append(f"model.crop_size: {cfg.model.crop_size} must be odd so the agent is centred")
+    if cfg.annotator.backend in ("openai", "vllm") and not cfg.annotator.model:
+        errors.append(
+            f"annotator.model: the {cfg.annotator.backend} backend needs the model name "
+            "(labels are stamped with it), e.g. annotator.model=gemma-3-270m-q4_k_m"
+        )
+    if cfg.annotator.backend == "rules" and not cfg.annotator.rules:
+        errors.append(
+            "annotator.rules: the rules backend needs at least one {pattern: <regex>, label: 0|1}"
+        )
     for i, rule in enumerate(cfg.annotator.rules):
         where = f"annotator.rules[{i}]"
         if not isinstance(rule, dict) or set(rule) != {"pattern", "label"}:

@@ -50,6 +50,11 @@ class Fragment:
     episodes: list[dict[str, float]] = field(default_factory=list)
     sample_time: float = 0.0
 
+    def caption_sightings(self) -> dict[int, int]:
+        """How often each caption appears in this fragment (id -> count)."""
+        ids, counts = np.unique(self.caption_ids[self.caption_ids != 0], return_counts=True)
+        return dict(zip(ids.tolist(), counts.tolist()))
+
     @property
     def env_steps(self) -> int:
         """Environment steps this fragment holds (T x N)."""

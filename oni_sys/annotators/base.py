@@ -23,10 +23,35 @@ class UnparseableAnswer(Exception):
 
 @dataclass(frozen=True)
 class Question:
-    """One prompt and its allowed answers (each choice is the text of the next token)."""
+    """One prompt and its allowed answers (each choice is the text of the next token).
+
+    Questions built by :mod:`oni_sys.annotators.prompts` also carry the raw ``captions`` they
+    ask about (one for classification, two for a ranking pair; backends that read no prompt,
+    such as the rules backend, use them) and ``prefix_len``: ``prompt[:prefix_len]`` is the part
+    that is identical for every caption (instructions and worked examples), so a backend may
+    evaluate it once and keep its KV cache. ``prefix_len == 0`` means no shared prefix is known.
+    """
 
     prompt: str
     choices: tuple[str, ...]
+    captions: tuple[str, ...] = ()
+    prefix_len: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prefix_len <= len(self.prompt):
+            raise ValueError(
+                f"prefix_len {self.prefix_len} is outside the prompt of {len(self.prompt)} characters"
+            )
+
+    @property
+    def prefix(self) -> str:
+        """The caption-independent start of the prompt (empty when unknown)."""
+        return self.prompt[: self.prefix_len]
+
+    @property
+    def suffix(self) -> str:
+        """The rest of the prompt after :attr:`prefix`."""
+        return self.prompt[self.prefix_len :]
 
 
 @dataclass

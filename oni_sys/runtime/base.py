@@ -26,6 +26,7 @@ class Runtime:
         self.run_path: Path | None = None
         self.checkpoint: dict[str, Any] | None = None
         self.interrupted = False
+        self.annotator = None
 
     def setup(self) -> None:
         """Create the run directory and the roles; restore the latest checkpoint on resume."""
@@ -38,6 +39,20 @@ class Runtime:
             self.tracker.load_state_dict(self.checkpoint["tracker"])
             logger.info("resuming %s at %d env steps", self.run_path, self.tracker.env_steps)
         self._start_roles()
+        self.annotator = self._start_annotator() if self.cfg.annotator.enabled else None
+
+    def annotator_store_path(self) -> Path:
+        """``annotator.store``, or ``labels.sqlite`` in the run directory."""
+        return Path(self.cfg.annotator.store or self.run_path / "labels.sqlite")
+
+    def _on_captions(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
+        """Hand a fragment's new caption texts and sightings to the annotator (never waits)."""
+        if self.annotator is not None and (texts or sightings):
+            self.annotator.submit(texts, sightings)
+
+    def _log_row(self) -> None:
+        extra = self.annotator.metrics() if self.annotator is not None else None
+        self.tracker.log_row(extra)
 
     def run(self) -> Path:
         """Train; returns the run directory. Ctrl-C stops cleanly with a checkpoint."""
@@ -51,9 +66,11 @@ class Runtime:
                 if self.tracker.updates > 0:
                     self.save_checkpoint()
                 if self.tracker.has_unlogged_updates():
-                    self.tracker.log_row()
+                    self._log_row()
             finally:
                 self.run_dir.close()
+                if self.annotator is not None:
+                    self.annotator.close()
                 self._stop_roles()
         return self.run_path
 
@@ -64,7 +81,7 @@ class Runtime:
 
     def _after_update(self, stats: dict[str, float]) -> None:
         if self.tracker.on_update(stats):
-            self.tracker.log_row()
+            self._log_row()
         if stats.get("trained") and self.tracker.checkpoint_due():
             self.save_checkpoint()
 
@@ -79,4 +96,7 @@ class Runtime:
         raise NotImplementedError
 
     def _stop_roles(self) -> None:
+        raise NotImplementedError
+
+    def _start_annotator(self):
         raise NotImplementedError

@@ -34,6 +34,8 @@ class RunnerActor(EnvRunner):
             "episodes": fragment.episodes,
             "policy_version": fragment.policy_version,
             "sample_time": fragment.sample_time,
+            "new_captions": fragment.new_captions,
+            "caption_sightings": fragment.caption_sightings(),
         }
         return fragment, summary
 
@@ -61,6 +63,76 @@ class LearnerActor(PolicyLearner):
     def weights_packet(self) -> dict[str, Any]:
         """Weights and their version, as one object for every runner to read."""
         return {"weights": self.get_weights(), "version": self.version}
+
+
+class AnnotatorActor:
+    """The annotation service inside a Ray actor (its own thread keeps the LLM busy)."""
+
+    def __init__(self, cfg: Config, store_path: str):
+        from oni_sys.annotators.service import AnnotationService
+
+        self.service = AnnotationService(cfg.annotator, store_path)
+
+    def submit(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
+        """Queue captions; returns at once."""
+        self.service.submit(texts, sightings)
+
+    def metrics(self) -> dict[str, float]:
+        """The service's counters."""
+        return self.service.metrics()
+
+    def close(self) -> None:
+        """Write what is answered and stop."""
+        self.service.close()
+
+
+class RemoteAnnotator:
+    """The driver's handle on the annotator actor: every call is fire-and-forget.
+
+    Metrics are requested in the background and the latest answer is reported, so a slow or
+    dead annotator never holds up the training loop.
+    """
+
+    def __init__(self, cfg: Config, store_path):
+        import ray
+
+        self.actor = (
+            ray.remote(AnnotatorActor)
+            .options(num_cpus=cfg.runtime.annotator_cpus, max_concurrency=4)
+            .remote(cfg, str(store_path))
+        )
+        self._metrics_ref = None
+        self._metrics: dict[str, float] = {}
+
+    def submit(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
+        """Send captions to the annotator without waiting."""
+        self.actor.submit.remote(texts, sightings)
+
+    def metrics(self) -> dict[str, float]:
+        """The latest metrics the annotator has answered with (possibly one row old)."""
+        import ray
+
+        if self._metrics_ref is not None:
+            ready, _ = ray.wait([self._metrics_ref], timeout=0)
+            if ready:
+                try:
+                    self._metrics = ray.get(ready[0])
+                except Exception as exc:  # noqa: BLE001 (a dead annotator must not stop training)
+                    logger.warning("annotator metrics unavailable: %s", exc)
+                self._metrics_ref = None
+        if self._metrics_ref is None:
+            self._metrics_ref = self.actor.metrics.remote()
+        return dict(self._metrics)
+
+    def close(self) -> None:
+        """Let the annotator write its answers, then stop it."""
+        import ray
+
+        try:
+            ray.get(self.actor.close.remote(), timeout=60)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("annotator did not close cleanly: %s", exc)
+        ray.kill(self.actor)
 
 
 def _probe_env(cfg: Config) -> dict[str, Any]:
@@ -95,6 +167,7 @@ class RayRuntime(Runtime):
                 # A local instance: bound to loopback, with enough logical CPUs for every actor
                 # even on a small machine (the actors share the cores; Ray only counts).
                 need = rt.num_env_runners * rt.cpus_per_env_runner + rt.learner_cpus
+                need += rt.annotator_cpus if self.cfg.annotator.enabled else 0.0
                 ray.init(
                     num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
                     include_dashboard=False,
@@ -172,6 +245,7 @@ class RayRuntime(Runtime):
                 continue
             request(index)
             self.tracker.on_fragment(summary["env_steps"], summary["episodes"])
+            self._on_captions(summary["new_captions"], summary["caption_sightings"])
             ready_fragments.append(frag_ref)
             if len(ready_fragments) >= per_batch:
                 learning.append(self.learner.learn_many.remote(*ready_fragments))
@@ -194,6 +268,9 @@ class RayRuntime(Runtime):
         except Exception:  # noqa: BLE001 (already gone is the usual case)
             pass
         self._spawn_runner(index)
+
+    def _start_annotator(self) -> RemoteAnnotator:
+        return RemoteAnnotator(self.cfg, self.annotator_store_path())
 
     def _learner_state(self) -> dict[str, Any]:
         import ray

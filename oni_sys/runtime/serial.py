@@ -31,6 +31,7 @@ class SerialRuntime(Runtime):
             for _ in range(per_batch):
                 fragment = self.runner.sample()
                 self.tracker.on_fragment(fragment.env_steps, fragment.episodes)
+                self._on_captions(fragment.new_captions, fragment.caption_sightings())
                 fragments.append(fragment)
             stats = self.learner.learn(fragments)
             self.runner.set_weights(self.learner.get_weights(), self.learner.version)
@@ -38,6 +39,11 @@ class SerialRuntime(Runtime):
 
     def _learner_state(self) -> dict[str, Any]:
         return {"state": self.learner.state_dict()}
+
+    def _start_annotator(self):
+        from oni_sys.annotators.service import AnnotationService
+
+        return AnnotationService(self.cfg.annotator, self.annotator_store_path())
 
     def _stop_roles(self) -> None:
         self.runner.close()

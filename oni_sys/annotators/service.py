@@ -1,0 +1,554 @@
+"""The annotation service: asks the LLM about each caption once, keeps it busy, never blocks.
+
+Env runners (through the runtime) hand it caption texts and how often each was seen. It
+normalises them into *questions* (a caption may split into sentences, numbers may collapse into
+a template), skips every question the store already answers for this annotator version or that
+is queued or in flight, and keeps ``annotator.concurrency`` questions in flight, the most
+frequently seen first. Answers go to the SQLite store in batched transactions and to
+subscribers as caption labels (a caption's label is the max over its sentences).
+
+The service runs its own asyncio loop in a background thread, so the same object serves the
+serial runtime (in process) and the Ray runtime (inside an actor). Every public method is
+thread-safe and returns at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oni_sys.annotators.annotation_store import (
+    LABELLED,
+    UNLABELABLE,
+    AnnotationStore,
+    LabelRecord,
+    PreferenceRecord,
+)
+from oni_sys.annotators.base import Backend, BackendError, Question, UnparseableAnswer
+from oni_sys.annotators.normalise import number_template, split_sentences
+from oni_sys.annotators.prompts import build_classification, build_ranking, prompt_version
+from oni_sys.config import AnnotatorConfig
+from oni_sys.envs.captions import caption_id, normalise_caption
+
+logger = logging.getLogger(__name__)
+
+#: bumped when the way answers become labels changes (part of the annotator version)
+PARSER_VERSION = "choice-logprob-v1"
+#: ranking: comparisons asked for each new caption
+PAIRS_PER_CAPTION = 4
+
+
+def make_backend(cfg: AnnotatorConfig) -> Backend:
+    """The backend named by ``annotator.backend``."""
+    if cfg.backend == "llamacpp":
+        from oni_sys.annotators.llamacpp_backend import LlamaCppBackend
+
+        return LlamaCppBackend(cfg.model, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads)
+    if cfg.backend == "rules":
+        from oni_sys.annotators.rules_backend import RulesBackend
+
+        return RulesBackend(cfg.rules)
+    if cfg.backend == "openai":
+        from oni_sys.annotators.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(
+            cfg.base_url,
+            cfg.model,
+            api_key_env=cfg.api_key_env,
+            concurrency=cfg.concurrency,
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+        )
+    from oni_sys.annotators.vllm_backend import VLLMBackend
+
+    return VLLMBackend(
+        cfg.model,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        concurrency=cfg.concurrency,
+        timeout_s=cfg.timeout_s,
+        max_retries=cfg.max_retries,
+    )
+
+
+def question_texts(text: str, cfg: AnnotatorConfig) -> list[str]:
+    """The questions a caption becomes: its sentences (or itself), number-templated if asked."""
+    text = normalise_caption(text)
+    parts = split_sentences(text) if cfg.split_sentences else [text]
+    if cfg.number_template:
+        parts = [number_template(p) for p in parts]
+    return list(dict.fromkeys(p for p in parts if p)) or [text]
+
+
+@dataclass
+class _Waiting:
+    """A caption whose label waits for some of its questions."""
+
+    questions: list[int]
+    remaining: set[int]
+
+
+@dataclass
+class ServiceStats:
+    """Counters behind :meth:`AnnotationService.metrics`."""
+
+    submitted_captions: int = 0
+    questions_seen: int = 0
+    store_hits: int = 0
+    requests_total: int = 0
+    labels_total: int = 0
+    unlabelable_total: int = 0
+    parse_failures: int = 0
+    backend_errors: int = 0
+    preferences_total: int = 0
+    latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
+    label_times: deque = field(default_factory=lambda: deque(maxlen=2000))
+
+
+class AnnotationService:
+    """Labels captions through an LLM backend into an :class:`AnnotationStore`.
+
+    Args:
+        cfg: the ``annotator`` config section.
+        store_path: the SQLite store (``annotator.store`` or ``<run dir>/labels.sqlite``).
+        backend: an already built backend (default: :func:`make_backend`).
+        max_pending: questions kept in memory at most; the least seen beyond it are dropped
+            from memory (their texts stay in the store and :meth:`requeue_missing` finds them).
+
+    Example:
+        >>> service = AnnotationService(cfg.annotator, "labels.sqlite")  # doctest: +SKIP
+        >>> service.submit({caption_id("You kill the newt!"): "You kill the newt!"})
+        >>> service.wait_idle(60); service.poll_labels()
+    """
+
+    def __init__(
+        self,
+        cfg: AnnotatorConfig,
+        store_path: str | Path,
+        backend: Backend | None = None,
+        max_pending: int = 200_000,
+    ):
+        self.cfg = cfg
+        self.store = AnnotationStore(store_path)
+        self.backend = backend if backend is not None else make_backend(cfg)
+        self.max_pending = max_pending
+        # What is asked (sentences, number templates) and how a probability becomes a label
+        # (threshold) change stored labels too, so they are part of the version.
+        asked = f"split={int(cfg.split_sentences)},numbers={int(cfg.number_template)},t={cfg.threshold:g}"
+        self.version = f"{self.backend.model_id}|{prompt_version(cfg)}|{PARSER_VERSION}|{asked}"
+        self.ranking = cfg.prompt == "ranking"
+        self.stats = ServiceStats()
+        self._lock = threading.Lock()
+        self._texts: dict[int, str] = {}  # question id -> text, while queued or in flight
+        self._counts: dict[int, int] = {}  # question id -> times its captions were seen
+        self._heap: list[tuple[int, int]] = []  # (-count, question id); stale entries skipped
+        self._in_flight: set[int] = set()
+        self._waiting: dict[int, _Waiting] = {}  # caption id -> its unanswered questions
+        self._question_captions: dict[int, list[int]] = {}  # question id -> waiting captions
+        self._answers: dict[int, LabelRecord] = {}  # answers of questions still needed
+        self._published: list[tuple[int, int, float]] = []  # (caption id, label, probability)
+        self._pair_pool: dict[int, int] = {}  # ranking: caption id -> times seen
+        self._pair_budget = 0
+        self._asked_pairs: set[tuple[int, int]] = set()
+        self._pairs_in_flight = 0
+        # Answers not yet committed to the store, by id: until the flush commits them they are
+        # the only record that the question was answered, so submit() consults them too.
+        self._pending_writes: dict[int, LabelRecord] = {}
+        # Serialises submit() against the flush, so an answer is always visible in the store
+        # or in _pending_writes to a concurrent submit, never in neither.
+        self._submit_lock = threading.Lock()
+        self._pending_prefs: list[PreferenceRecord] = []
+        self._rng = random.Random(0)
+        self._loop = asyncio.new_event_loop()
+        self._wakeup: asyncio.Event | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run_loop, name="annotator", daemon=True)
+        self._thread.start()
+        logger.info("annotator version %s, store %s", self.version, store_path)
+
+    # -- public API (thread-safe, non-blocking) ------------------------------------------------
+    def submit(self, texts: dict[int, str], counts: dict[int, int] | None = None) -> None:
+        """Queue captions (id -> text) and record sightings (id -> times seen since last call).
+
+        Ids already answered, queued or in flight cost nothing; counts of already queued
+        questions raise their priority.
+        """
+        counts = counts or {}
+        with self._submit_lock:
+            if texts:
+                self.store.add_captions({int(k): v for k, v in texts.items()})
+            if counts:
+                self.store.record_seen({int(k): int(v) for k, v in counts.items()})
+            if self.ranking:
+                self._submit_pairs(texts, counts)
+            else:
+                self._submit_labels(texts, counts)
+        self._wake()
+
+    def poll_labels(self, limit: int | None = None) -> list[tuple[int, int, float]]:
+        """Caption labels published since the last poll: ``(caption id, label, probability)``."""
+        with self._lock:
+            if limit is None or limit >= len(self._published):
+                out, self._published = self._published, []
+            else:
+                out, self._published = self._published[:limit], self._published[limit:]
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Queue depth, in flight, labels/s, latency p50/p95, store hit rate, failures."""
+        s = self.stats
+        with self._lock:
+            lat = sorted(s.latencies)
+            now = time.perf_counter()
+            recent = [t for t in s.label_times if now - t < 60.0]
+            queue = len(self._texts) - len(self._in_flight) + self._pair_budget
+            in_flight = len(self._in_flight) + self._pairs_in_flight
+        window = min(60.0, max(now - recent[0], 1e-9)) if recent else 60.0
+        return {
+            "annotator_queue": queue,
+            "annotator_in_flight": in_flight,
+            "annotator_requests_total": s.requests_total,
+            "labels_total": s.labels_total,
+            "preferences_total": s.preferences_total,
+            "unlabelable_total": s.unlabelable_total,
+            "labels_per_s": len(recent) / window if recent else 0.0,
+            "annotator_latency_p50": lat[len(lat) // 2] if lat else float("nan"),
+            "annotator_latency_p95": lat[int(len(lat) * 0.95)] if lat else float("nan"),
+            "annotator_store_hit_rate": s.store_hits / s.questions_seen
+            if s.questions_seen
+            else float("nan"),
+            "annotator_parse_failures": s.parse_failures,
+            "annotator_backend_errors": s.backend_errors,
+        }
+
+    def idle(self) -> bool:
+        """True when nothing is queued, in flight or waiting to be written."""
+        with self._lock:
+            return not (
+                self._texts
+                or self._pending_writes
+                or self._pending_prefs
+                or self._pairs_in_flight
+                or self._pair_budget
+            )
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`idle` (or the timeout); returns whether it is idle."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.idle():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def requeue_missing(self) -> int:
+        """Queue every stored caption without an answer for this version (after a restart or
+        an eviction), most seen first; returns how many."""
+        owed = self.store.unanswered(self.version, limit=self.max_pending)
+        self.submit({cid: text for cid, (text, _) in owed.items()}, {})
+        with self._lock:
+            for cid, (_, seen) in owed.items():
+                if cid in self._texts:
+                    self._bump(cid, seen)
+        return len(owed)
+
+    def close(self) -> None:
+        """Stop the loop, write what is answered, close the backend and the store."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake()
+        self._thread.join(timeout=30)
+        self.store.close()
+
+    # -- queueing ------------------------------------------------------------------------------
+    def _bump(self, qid: int, count: int) -> None:
+        self._counts[qid] = self._counts.get(qid, 0) + count
+        heapq.heappush(self._heap, (-self._counts[qid], qid))
+
+    def _submit_labels(self, texts: dict[int, str], counts: dict[int, int]) -> None:
+        plans: dict[int, list[int]] = {}
+        questions: dict[int, str] = {}
+        for cid, text in texts.items():
+            qtexts = question_texts(text, self.cfg)
+            qids = [caption_id(q) for q in qtexts]
+            plans[int(cid)] = qids
+            questions.update(zip(qids, qtexts))
+        if questions:
+            self.store.add_captions(questions)
+        known = self.store.get_labels(self.version, [*questions, *plans]) if plans else {}
+        with self._lock:
+            for key in [*questions, *plans]:
+                if key in self._pending_writes:
+                    known[key] = self._pending_writes[key]
+            self.stats.submitted_captions += len(texts)
+            for cid, qids in plans.items():
+                if cid in self._waiting:
+                    continue  # another runner sent it first; it is being answered
+                if cid in known and known[cid].status == LABELLED and cid not in qids:
+                    self.stats.questions_seen += 1  # a combined label from an earlier run
+                    self.stats.store_hits += 1
+                    self._published.append((cid, known[cid].label, known[cid].probability))
+                    continue
+                waiting = _Waiting(qids, set())
+                for qid in qids:
+                    self.stats.questions_seen += 1
+                    self._question_captions.setdefault(qid, []).append(cid)
+                    if qid in known:
+                        self.stats.store_hits += 1
+                        self._answers[qid] = known[qid]
+                        continue
+                    waiting.remaining.add(qid)
+                    if qid not in self._texts:
+                        self._texts[qid] = questions[qid]
+                    self._bump(qid, counts.get(cid, 1))
+                self._waiting[cid] = waiting
+                if not waiting.remaining:
+                    self._finish_caption(cid)
+            for cid, n in counts.items():
+                waiting = self._waiting.get(int(cid))
+                if int(cid) in plans or waiting is None:
+                    continue
+                for qid in waiting.remaining:
+                    if qid in self._texts and qid not in self._in_flight:
+                        self._bump(qid, n)
+            self._evict()
+
+    def _evict(self) -> None:
+        """Keep at most ``max_pending`` queued questions: drop the least seen from memory."""
+        excess = len(self._texts) - len(self._in_flight) - self.max_pending
+        if excess <= 0:
+            return
+        queued = sorted((self._counts[q], q) for q in self._texts if q not in self._in_flight)
+        for _, qid in queued[:excess]:
+            self._texts.pop(qid, None)
+            self._counts.pop(qid, None)
+            for cid in self._question_captions.pop(qid, []):
+                self._waiting.pop(cid, None)
+
+    def _finish_caption(self, cid: int) -> None:
+        """All questions of ``cid`` are answered: combine (max) and publish. Lock held."""
+        waiting = self._waiting.pop(cid)
+        answers = [self._answers.get(q) for q in waiting.questions]
+        for q in waiting.questions:
+            users = self._question_captions.get(q, [])
+            if cid in users:
+                users.remove(cid)
+            if not users:
+                self._question_captions.pop(q, None)
+                self._answers.pop(q, None)
+        labelled = [a for a in answers if a is not None and a.status == LABELLED]
+        if not labelled:
+            if cid not in waiting.questions:
+                self._pending_writes[cid] = LabelRecord(
+                    cid, None, None, UNLABELABLE, 1, "no sentence could be labelled"
+                )
+            return
+        prob = max(a.probability for a in labelled)
+        label = int(prob >= self.cfg.threshold)
+        if cid not in waiting.questions:  # a multi-sentence caption: store its combined label
+            self._pending_writes[cid] = LabelRecord(cid, label, prob, LABELLED, 1)
+        self._published.append((cid, label, prob))
+
+    # -- ranking -------------------------------------------------------------------------------
+    def _submit_pairs(self, texts: dict[int, str], counts: dict[int, int]) -> None:
+        with self._lock:
+            self.stats.submitted_captions += len(texts)
+            for cid in texts:
+                self._pair_pool.setdefault(int(cid), 0)
+            for cid, n in counts.items():
+                if int(cid) in self._pair_pool:
+                    self._pair_pool[int(cid)] += n
+            # Every new caption buys a few comparisons against the captions seen so far.
+            self._pair_budget += PAIRS_PER_CAPTION * len(texts)
+
+    def _next_pair(self) -> tuple[int, int] | None:
+        """Two distinct captions not compared yet, drawn in proportion to how often each was seen.
+
+        Lock held.
+        """
+        pool = list(self._pair_pool)
+        if len(pool) < 2:
+            return None
+        weights = [self._pair_pool[c] + 1 for c in pool]
+        for _ in range(20):  # a few draws; a saturated pool simply asks nothing new
+            a, b = self._rng.choices(pool, weights, k=2)
+            if a != b and (a, b) not in self._asked_pairs:
+                self._asked_pairs.add((a, b))
+                return a, b
+        return None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+        self._loop.close()
+
+    def _pop_question(self) -> tuple[int, str] | None:
+        with self._lock:
+            while self._heap:
+                neg, qid = heapq.heappop(self._heap)
+                if (
+                    qid in self._in_flight
+                    or qid not in self._texts
+                    or -neg != self._counts.get(qid)
+                ):
+                    continue  # already taken, or a stale priority entry
+                self._in_flight.add(qid)
+                return qid, self._texts[qid]
+        return None
+
+    async def _main(self) -> None:
+        self._wakeup = asyncio.Event()
+        tasks: set[asyncio.Task] = set()
+        last_flush = time.monotonic()
+        while not self._stopping:
+            while len(tasks) < self.cfg.concurrency:
+                job = self._next_job()
+                if job is None:
+                    break
+                task = asyncio.create_task(job)
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if time.monotonic() - last_flush > 0.25:
+                self._flush()
+                last_flush = time.monotonic()
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=0.05)
+            except asyncio.TimeoutError:
+                pass
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._flush()
+        try:
+            await self.backend.close()
+        except Exception:  # noqa: BLE001 (closing must not hide the real shutdown)
+            logger.exception("closing the annotator backend failed")
+
+    def _next_job(self):
+        if self.ranking:
+            with self._lock:
+                if self._pair_budget <= 0:
+                    return None
+                pair = self._next_pair()
+                if pair is None:
+                    self._pair_budget = 0
+                    return None
+                self._pair_budget -= 1
+                self._pairs_in_flight += 1
+            return self._ask_pair(*pair)
+        item = self._pop_question()
+        return None if item is None else self._ask_label(*item)
+
+    async def _score(self, question: Question) -> tuple[list[float] | None, int, str | None]:
+        """Ask until the answer parses (bounded); returns (probabilities or None, attempts, error)."""
+        attempts, error = 0, None
+        while True:
+            attempts += 1
+            start = time.perf_counter()
+            self.stats.requests_total += 1
+            try:
+                scores = await self.backend.score(question)
+                probs = scores.probabilities()
+                with self._lock:
+                    self.stats.latencies.append(time.perf_counter() - start)
+                return probs, attempts, None
+            except UnparseableAnswer as exc:
+                self.stats.parse_failures += 1
+                error = str(exc)
+                if attempts > self.cfg.max_parse_retries:
+                    return None, attempts, error
+            except BackendError:
+                # The LLM is down or misbehaving: the backend already retried; wait and ask
+                # again rather than record a non-answer. Nothing is lost while it is away.
+                self.stats.backend_errors += 1
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(attempts, 6)) * self._rng.random())
+                if self._stopping:
+                    raise asyncio.CancelledError from None
+
+    async def _ask_label(self, qid: int, text: str) -> None:
+        try:
+            probs, attempts, error = await self._score(build_classification(text, self.cfg))
+        except asyncio.CancelledError:
+            with self._lock:
+                self._in_flight.discard(qid)
+            raise
+        if probs is None:
+            record = LabelRecord(qid, None, None, UNLABELABLE, attempts, error)
+        else:
+            p_yes = probs[0]
+            record = LabelRecord(qid, int(p_yes >= self.cfg.threshold), p_yes, LABELLED, attempts)
+        with self._lock:
+            self._in_flight.discard(qid)
+            self._texts.pop(qid, None)
+            self._counts.pop(qid, None)
+            self._pending_writes[qid] = record
+            self._answers[qid] = record
+            if record.status == LABELLED:
+                self.stats.labels_total += 1
+                self.stats.label_times.append(time.perf_counter())
+            else:
+                self.stats.unlabelable_total += 1
+            for cid in list(self._question_captions.get(qid, [])):
+                waiting = self._waiting.get(cid)
+                if waiting is None:
+                    continue
+                waiting.remaining.discard(qid)
+                if not waiting.remaining:
+                    self._finish_caption(cid)
+            if qid not in self._question_captions:
+                self._answers.pop(qid, None)
+
+    async def _ask_pair(self, a: int, b: int) -> None:
+        texts = self.store.texts([a, b])
+        question = build_ranking(texts[a], texts[b], self.cfg)
+        try:
+            probs, attempts, error = await self._score(question)
+        except asyncio.CancelledError:
+            with self._lock:
+                self._pairs_in_flight -= 1
+            raise
+        if probs is None:
+            record = PreferenceRecord(a, b, None, UNLABELABLE, attempts, error)
+        else:
+            record = PreferenceRecord(a, b, probs[0], LABELLED, attempts)
+        with self._lock:
+            self._pairs_in_flight -= 1
+            self._pending_prefs.append(record)
+            self.stats.preferences_total += record.status == LABELLED
+
+    def _flush(self) -> None:
+        """Write answered questions to the store in one transaction each kind."""
+        with self._submit_lock:
+            with self._lock:
+                labels = dict(self._pending_writes)
+                prefs, self._pending_prefs = self._pending_prefs, []
+            try:
+                self.store.put_labels(self.version, list(labels.values()))
+                self.store.put_preferences(self.version, prefs)
+            except Exception:
+                logger.exception("writing %d labels to the store failed; will retry", len(labels))
+                with self._lock:
+                    self._pending_prefs[:0] = prefs
+                return
+            with self._lock:
+                for key, record in labels.items():
+                    if self._pending_writes.get(key) is record:
+                        del self._pending_writes[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("AnnotationService holds a thread and a database; run it inside an actor")
