@@ -18,6 +18,8 @@ import math
 import re
 from collections.abc import Iterable
 
+from oni_sys.envs.captions import normalise_caption
+
 logger = logging.getLogger(__name__)
 
 #: words that end with a full stop without ending a sentence (compared case-insensitively)
@@ -25,15 +27,14 @@ ABBREVIATIONS = frozenset(
     {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "mt", "vs", "etc", "e.g", "i.e", "lt"}
 )
 
-_WHITESPACE = re.compile(r"\s+")
 # a number: digits with optional decimal / thousands groups ("3", "1,000", "3.6")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 NUMBER_PLACEHOLDER = "<n>"
 
 
-def collapse_whitespace(text: str) -> str:
-    """Strip ``text`` and turn every run of whitespace (newlines and tabs too) into one space."""
-    return _WHITESPACE.sub(" ", text).strip()
+#: Strip and turn every run of whitespace (newlines and tabs too) into one space: the same
+#: normalisation caption ids are computed on.
+collapse_whitespace = normalise_caption
 
 
 def _ends_with_abbreviation(text: str) -> bool:

@@ -33,7 +33,7 @@ from oni_sys.annotators.annotation_store import (
     PreferenceRecord,
 )
 from oni_sys.annotators.base import Backend, BackendError, Question, UnparseableAnswer
-from oni_sys.annotators.normalise import number_template, split_sentences
+from oni_sys.annotators.normalise import caption_parts
 from oni_sys.annotators.prompts import build_classification, build_ranking, prompt_version
 from oni_sys.config import AnnotatorConfig
 from oni_sys.envs.captions import caption_id, normalise_caption
@@ -81,11 +81,8 @@ def make_backend(cfg: AnnotatorConfig) -> Backend:
 
 def question_texts(text: str, cfg: AnnotatorConfig) -> list[str]:
     """The questions a caption becomes: its sentences (or itself), number-templated if asked."""
-    text = normalise_caption(text)
-    parts = split_sentences(text) if cfg.split_sentences else [text]
-    if cfg.number_template:
-        parts = [number_template(p) for p in parts]
-    return list(dict.fromkeys(p for p in parts if p)) or [text]
+    parts = caption_parts(text, split=cfg.split_sentences, template=cfg.number_template)
+    return parts or [normalise_caption(text)]
 
 
 @dataclass
