@@ -49,7 +49,12 @@ class ProgressBar:
         self.bar.n = min(int(row["env_steps"]), self.bar.total)
         self.bar.set_postfix_str(
             f"sps={_fmt(row['sps'], '.0f')} episodes={row['episodes']} "
-            f"return={_fmt(row['episode_return_mean'])} lag={_fmt(row.get('policy_lag_mean'))}",
+            f"return={_fmt(row['episode_return_mean'])} lag={_fmt(row.get('policy_lag_mean'))}"
+            + (
+                f" labels={row['labels_total']} queue={row['annotator_queue']}"
+                if "labels_total" in row
+                else ""
+            ),
             refresh=False,
         )
         self.bar.refresh()

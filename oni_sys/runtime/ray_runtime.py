@@ -102,7 +102,10 @@ class RemoteAnnotator:
             .remote(cfg, str(store_path))
         )
         self._metrics_ref = None
-        self._metrics: dict[str, float] = {}
+        # Until the actor first answers, the counters are unknown (null), not zero.
+        self._metrics: dict[str, float | None] = dict.fromkeys(
+            ("labels_total", "annotator_queue", "annotator_requests_total")
+        )
 
     def submit(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
         """Send captions to the annotator without waiting."""
