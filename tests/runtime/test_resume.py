@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from conftest import BIN, ROOT
 from oni_sys.config import load_config
 from oni_sys.runtime import make_runtime
 from oni_sys.runtime.run_dir import load_checkpoint, read_metrics
 
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 FAST = ["train.progress=false", "train.log_every_updates=2", "train.checkpoint_every_updates=5"]
 
 
