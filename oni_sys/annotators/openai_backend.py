@@ -68,7 +68,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from oni_sys.annotators.base import BackendError, ChoiceScores, Question
+from oni_sys.annotators.base import BackendError, ChoiceScores, Question, UnparseableAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -317,8 +317,29 @@ def _number(value: Any) -> float | None:
     return -math.inf if value <= _LOGPROB_FLOOR else value
 
 
-def parse_completion_top_logprobs(data: Any) -> tuple[dict[str, float], str]:
+def strict_choice(text: str, choices: tuple[str, ...] | list[str]) -> list[float]:
+    """Last-resort parser of free text: the answer must be exactly one allowed choice.
+
+    Surrounding whitespace is ignored, nothing else (no case folding, no substring search), so
+    "Yes, because..." or "yes" is not an answer. The chosen choice gets log-probability 0 (a
+    probability of 1, since no probabilities are known), the others ``-inf``.
+
+    Raises:
+        UnparseableAnswer: when the text is not exactly one of the choices.
+    """
+    hits = [i for i, c in enumerate(choices) if text.strip() == c.strip()]
+    if len(hits) != 1:
+        raise UnparseableAnswer(
+            f"free-text answer {text[:80]!r} is not exactly one of {list(choices)}"
+        )
+    return [0.0 if i == hits[0] else float("-inf") for i in range(len(choices))]
+
+
+def parse_completion_top_logprobs(data: Any) -> tuple[dict[str, float] | None, str]:
     """``({token_text: logprob}, generated_text)`` of the first generated token of a response.
+
+    The table is ``None`` when the server sent text but no ``logprobs`` at all (it does not
+    support them); :func:`strict_choice` then reads the text as the last resort.
 
     Raises :class:`_AttemptFailed` (``empty_choices`` or ``bad_response``) when the response
     lacks what we need.
@@ -336,6 +357,9 @@ def parse_completion_top_logprobs(data: Any) -> tuple[dict[str, float], str]:
     text = first.get("text")
     text = text if isinstance(text, str) else ""
     logprobs = first.get("logprobs")
+    if logprobs is None and text:
+        # A server without completion logprobs: the caller falls back to the strict parser.
+        return None, text
     if not isinstance(logprobs, dict):
         raise _AttemptFailed(
             "bad_response",
@@ -599,9 +623,12 @@ class OpenAIBackend:
             self._questions["failed"] += 1
             raise
         self._questions["ok"] += 1
-        logprobs, how = extract_choice_logprobs(
-            top, question.choices, space_insensitive=self.space_insensitive
-        )
+        if top is None:
+            logprobs, how = strict_choice(text, question.choices), ["free_text"]
+        else:
+            logprobs, how = extract_choice_logprobs(
+                top, question.choices, space_insensitive=self.space_insensitive
+            )
         if not self._warned_space and "absent_space_variant_seen" in how:
             self._warned_space = True
             logger.warning(
