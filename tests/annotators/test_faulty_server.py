@@ -108,7 +108,7 @@ class FaultInjectingServer:
         if behaviour == "empty_choices":
             return web.json_response({"id": "cmpl-test", "choices": []})
         if behaviour == "no_logprobs":
-            return web.json_response({"choices": [{"text": " Yes", "logprobs": None}]})
+            return web.json_response({"choices": [{"text": "", "logprobs": None}]})
         if behaviour == "slow":
             await asyncio.sleep(self.slow_s)
             return web.json_response(GOOD_BODY)
@@ -371,10 +371,12 @@ def test_response_shapes_of_the_real_servers() -> None:
         ]
     }
     assert parse_completion_top_logprobs(chat)[0] == {" Yes": -0.1, " No": -2.0}
-    # never a substring search of the text: a text that says "Yes" without logprobs is a failure
+    # text without logprobs goes to the strict parser (exact choice only, never a substring
+    # search); no text and no logprobs is a failure
+    assert parse_completion_top_logprobs({"choices": [{"text": " Yes"}]}) == (None, " Yes")
     for body, kind in [
         ({"choices": []}, "empty_choices"),
-        ({"choices": [{"text": " Yes"}]}, "bad_response"),
+        ({"choices": [{"text": ""}]}, "bad_response"),
         (
             {"choices": [{"text": " Yes", "logprobs": {"top_logprobs": [{" Yes": "high"}]}}]},
             "bad_response",
