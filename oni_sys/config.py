@@ -159,6 +159,46 @@ class AnnotatorConfig:
 
 
 @dataclass
+class RewardConfig:
+    """The intrinsic reward: r = c_ext * r_ext + c_int * r_int(caption) / N_episode(caption)^beta."""
+
+    kind: str = _f(
+        "none",
+        choices=["none", "hashing", "classification", "ranking", "ensemble"],
+        help="none: extrinsic only; hashing: stored labels; classification/ranking: a learned "
+        "caption model; ensemble: K members of reward.member",
+    )
+    c_ext: float = _f(1.0, help="weight of the extrinsic reward")
+    c_int: float = _f(0.1, min=0.0, help="weight of the intrinsic reward")
+    beta: float = _f(3.0, min=0.0, help="count exponent: r_int / N_episode(caption)^beta")
+    output: str = _f(
+        "label",
+        choices=["label", "probability"],
+        help="classification: thresholded label (ONI) or the probability",
+    )
+    threshold: float = _f(0.5, min=0.0, max=1.0, help="classification: probability of label 1")
+    ranking_threshold: float = _f(
+        0.0, help="ranking: normalised rewards below this become 0 (ONI's thresholding)"
+    )
+    member: str = _f(
+        "classification", choices=["classification", "ranking"], help="ensemble member kind"
+    )
+    ensemble_size: int = _f(5, min=1, help="ensemble: members with different seeds")
+    ensemble_pessimism: float = _f(
+        0.0, min=0.0, help="ensemble: reward = mean - k * std across members"
+    )
+    lr: float = _f(1e-3, gt=0.0, help="reward model Adam learning rate")
+    batch_size: int = _f(64, min=1, help="reward model minibatch")
+    max_dataset: int = _f(100_000, min=1, help="unique captions (or pairs) kept for training")
+    held_out_fraction: float = _f(
+        0.1, min=0.0, max=0.9, help="labels held back to measure accuracy"
+    )
+    updates_per_snapshot: int = _f(
+        50, min=1, help="reward-model updates between published snapshots"
+    )
+
+
+@dataclass
 class Config:
     """A whole experiment."""
 
@@ -172,6 +212,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 class ConfigError(Exception):
