@@ -419,6 +419,8 @@ class AnnotationService:
                 task = asyncio.create_task(job)
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+                # A finished question frees a slot: start the next one now, not after the wait.
+                task.add_done_callback(lambda _: self._wakeup.set())
             if time.monotonic() - last_flush > 0.25:
                 self._flush()
                 last_flush = time.monotonic()

@@ -11,6 +11,7 @@ import torch
 
 from oni_sys.actors.env_runner import Fragment
 from oni_sys.config import Config
+from oni_sys.learners.intrinsic import IntrinsicReward
 from oni_sys.learners.vtrace import appo_loss
 from oni_sys.models import build_model
 
@@ -55,6 +56,7 @@ class PolicyLearner:
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.algo.lr, eps=cfg.algo.adam_eps
         )
+        self.intrinsic = IntrinsicReward(cfg.reward, cfg.train.return_window)
         self.version = 0
         self.env_steps_trained = 0
         self.fragments_dropped = 0
@@ -93,6 +95,10 @@ class PolicyLearner:
         self.fragments_dropped = int(state["fragments_dropped"])
         torch.set_rng_state(state["torch_rng"])
 
+    def set_reward_snapshot(self, snapshot) -> None:
+        """Use a newer intrinsic-reward snapshot from the reward learner."""
+        self.intrinsic.set_snapshot(snapshot)
+
     # -- learning ------------------------------------------------------------------------------
     def _set_lr(self) -> float:
         lr = self.cfg.algo.lr
@@ -120,9 +126,30 @@ class PolicyLearner:
             "fragments_dropped": float(self.fragments_dropped),
             "trained": 0.0,
         }
+        for f in fragments:  # texts of dropped fragments are still needed later
+            self.intrinsic.register(f.new_captions)
         if not keep:
             return stats
+        reward_start = time.perf_counter()
+        shaped, intrinsic_parts = [], []
+        for f in keep:
+            r, intrinsic = self.intrinsic.shape(f.rewards, f.caption_ids, f.caption_counts)
+            self.intrinsic.track_episodes(f.runner_index, intrinsic, f.terminated | f.truncated)
+            shaped.append(r)
+            intrinsic_parts.append(intrinsic)
+        intrinsic_all = np.concatenate(intrinsic_parts, axis=1)
+        stats.update(
+            {
+                "reward_time": time.perf_counter() - reward_start,
+                "reward_snapshot_version": float(self.intrinsic.snapshot_version),
+                "intrinsic_reward_mean": float(intrinsic_all.mean()),
+                "intrinsic_reward_nonzero": float((intrinsic_all != 0).mean()),
+            }
+        )
+        if self.intrinsic.intrinsic_returns:
+            stats["intrinsic_return_mean"] = float(np.mean(self.intrinsic.intrinsic_returns))
         batch = concat_fragments(keep)
+        batch["rewards"] = np.concatenate(shaped, axis=1).astype(np.float32)
         dev = self.device
         obs = {k: torch.as_tensor(v, device=dev) for k, v in batch["obs"].items()}
         first = torch.as_tensor(batch["first"], device=dev)
