@@ -91,6 +91,7 @@ class RuntimeConfig:
     cpus_per_env_runner: float = _f(1.0, gt=0.0, help="Ray CPU resource per env runner")
     learner_cpus: float = _f(1.0, gt=0.0, help="Ray CPU resource for the learner")
     annotator_cpus: float = _f(1.0, gt=0.0, help="Ray CPU resource for the annotator actor")
+    reward_learner_cpus: float = _f(1.0, gt=0.0, help="Ray CPU resource for the reward learner")
     learner_gpus: float = _f(-1.0, help="GPUs for the learner; -1: one if CUDA is visible, else 0")
     max_fragments_in_flight: int = _f(4, min=1, help="fragments queued at the learner at most")
     broadcast_every: int = _f(1, min=1, help="send weights to env runners every K updates")
@@ -117,7 +118,10 @@ class TrainConfig:
 class AnnotatorConfig:
     """The LLM annotation service (see docs/ANNOTATOR.md)."""
 
-    enabled: bool = _f(False, help="run the annotator during training (labels new captions)")
+    enabled: bool = _f(
+        False,
+        help="run the annotator during training (labels new captions); always on when reward.kind is not none",
+    )
     backend: str = _f(
         "llamacpp",
         choices=["openai", "vllm", "llamacpp", "rules"],

@@ -152,6 +152,7 @@ class AnnotationService:
         self._question_captions: dict[int, list[int]] = {}  # question id -> waiting captions
         self._answers: dict[int, LabelRecord] = {}  # answers of questions still needed
         self._published: list[tuple[int, int, float]] = []  # (caption id, label, probability)
+        self._published_prefs: list[tuple[int, str, int, str, float]] = []
         self._pair_pool: dict[int, int] = {}  # ranking: caption id -> times seen
         self._pair_budget = 0
         self._asked_pairs: set[tuple[int, int]] = set()
@@ -198,6 +199,17 @@ class AnnotationService:
             else:
                 out, self._published = self._published[:limit], self._published[limit:]
         return out
+
+    def poll_records(
+        self,
+    ) -> tuple[list[tuple[int, str, int, float]], list[tuple[int, str, int, str, float]]]:
+        """Labels ``(id, text, label, probability)`` and preferences ``(id_a, text_a, id_b,
+        text_b, P(a better))`` published since the last poll, with texts (for the reward learner)."""
+        labels = self.poll_labels()
+        texts = self.store.texts([cid for cid, _, _ in labels]) if labels else {}
+        with self._lock:
+            prefs, self._published_prefs = self._published_prefs, []
+        return [(cid, texts.get(cid, ""), label, p) for cid, label, p in labels], prefs
 
     def metrics(self) -> dict[str, float]:
         """Queue depth, in flight, labels/s, latency p50/p95, store hit rate, failures."""
@@ -528,6 +540,8 @@ class AnnotationService:
         with self._lock:
             self._pairs_in_flight -= 1
             self._pending_prefs.append(record)
+            if record.status == LABELLED:
+                self._published_prefs.append((a, texts[a], b, texts[b], record.preference))
             self.stats.preferences_total += record.status == LABELLED
 
     def _flush(self) -> None:

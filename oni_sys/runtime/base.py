@@ -27,6 +27,7 @@ class Runtime:
         self.checkpoint: dict[str, Any] | None = None
         self.interrupted = False
         self.annotator = None
+        self.reward_learner = None
 
     def setup(self) -> None:
         """Create the run directory and the roles; restore the latest checkpoint on resume."""
@@ -39,7 +40,18 @@ class Runtime:
             self.tracker.load_state_dict(self.checkpoint["tracker"])
             logger.info("resuming %s at %d env steps", self.run_path, self.tracker.env_steps)
         self._start_roles()
-        self.annotator = self._start_annotator() if self.cfg.annotator.enabled else None
+        self.annotator = self._start_annotator() if self.annotator_enabled else None
+        self.reward_learner = self._start_reward_learner() if self.reward_enabled else None
+
+    @property
+    def reward_enabled(self) -> bool:
+        """An intrinsic reward is learned (``reward.kind`` is not ``none``)."""
+        return self.cfg.reward.kind != "none"
+
+    @property
+    def annotator_enabled(self) -> bool:
+        """The annotator runs: asked for, or needed by the intrinsic reward."""
+        return self.cfg.annotator.enabled or self.reward_enabled
 
     def annotator_store_path(self) -> Path:
         """``annotator.store``, or ``labels.sqlite`` in the run directory."""
@@ -51,7 +63,11 @@ class Runtime:
             self.annotator.submit(texts, sightings)
 
     def _log_row(self) -> None:
-        extra = self.annotator.metrics() if self.annotator is not None else None
+        extra: dict = {}
+        if self.annotator is not None:
+            extra.update(self.annotator.metrics())
+        if self.reward_learner is not None:
+            extra.update(self.reward_learner.metrics())
         self.tracker.log_row(extra)
 
     def run(self) -> Path:
@@ -69,14 +85,25 @@ class Runtime:
                     self._log_row()
             finally:
                 self.run_dir.close()
+                try:
+                    from oni_sys.runtime.plots import write_curves
+
+                    write_curves(self.run_path)
+                except Exception:  # noqa: BLE001 (a plot must never cost the run)
+                    logger.exception("writing curves.png failed")
+                if self.reward_learner is not None:
+                    self.reward_learner.close()
                 if self.annotator is not None:
                     self.annotator.close()
                 self._stop_roles()
         return self.run_path
 
     def save_checkpoint(self) -> Path:
-        """Write a checkpoint of the learner and the counters."""
-        state = self.tracker.checkpoint_state(self._learner_state())
+        """Write a checkpoint of the learners and the counters."""
+        learners = self._learner_state()
+        if self.reward_learner is not None:
+            learners["reward"] = self.reward_learner.state_dict()
+        state = self.tracker.checkpoint_state(learners)
         return self.run_dir.save_checkpoint(state, self.tracker.env_steps)
 
     def _after_update(self, stats: dict[str, float]) -> None:
@@ -99,4 +126,7 @@ class Runtime:
         raise NotImplementedError
 
     def _start_annotator(self):
+        raise NotImplementedError
+
+    def _start_reward_learner(self):
         raise NotImplementedError

@@ -65,6 +65,33 @@ class LearnerActor(PolicyLearner):
         return {"weights": self.get_weights(), "version": self.version}
 
 
+class _LatestAnswer:
+    """Calls an actor method in the background and returns its latest answer without waiting.
+
+    Until the first answer, ``keys`` are reported as unknown (null), not as zeros.
+    """
+
+    def __init__(self, method, keys: tuple[str, ...]):
+        self.method = method
+        self.ref = None
+        self.value: dict[str, Any] = dict.fromkeys(keys)
+
+    def get(self) -> dict[str, Any]:
+        import ray
+
+        if self.ref is not None:
+            ready, _ = ray.wait([self.ref], timeout=0)
+            if ready:
+                try:
+                    self.value = ray.get(ready[0])
+                except Exception as exc:  # noqa: BLE001 (a dead helper must not stop training)
+                    logger.warning("metrics unavailable: %s", exc)
+                self.ref = None
+        if self.ref is None:
+            self.ref = self.method.remote()
+        return dict(self.value)
+
+
 class AnnotatorActor:
     """The annotation service inside a Ray actor (its own thread keeps the LLM busy)."""
 
@@ -80,6 +107,10 @@ class AnnotatorActor:
     def metrics(self) -> dict[str, float]:
         """The service's counters."""
         return self.service.metrics()
+
+    def poll_records(self):
+        """New labels and preferences with their texts (for the reward learner)."""
+        return self.service.poll_records()
 
     def close(self) -> None:
         """Write what is answered and stop."""
@@ -101,10 +132,8 @@ class RemoteAnnotator:
             .options(num_cpus=cfg.runtime.annotator_cpus, max_concurrency=4)
             .remote(cfg, str(store_path))
         )
-        self._metrics_ref = None
-        # Until the actor first answers, the counters are unknown (null), not zero.
-        self._metrics: dict[str, float | None] = dict.fromkeys(
-            ("labels_total", "annotator_queue", "annotator_requests_total")
+        self._metrics = _LatestAnswer(
+            self.actor.metrics, ("labels_total", "annotator_queue", "annotator_requests_total")
         )
 
     def submit(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
@@ -113,19 +142,7 @@ class RemoteAnnotator:
 
     def metrics(self) -> dict[str, float]:
         """The latest metrics the annotator has answered with (possibly one row old)."""
-        import ray
-
-        if self._metrics_ref is not None:
-            ready, _ = ray.wait([self._metrics_ref], timeout=0)
-            if ready:
-                try:
-                    self._metrics = ray.get(ready[0])
-                except Exception as exc:  # noqa: BLE001 (a dead annotator must not stop training)
-                    logger.warning("annotator metrics unavailable: %s", exc)
-                self._metrics_ref = None
-        if self._metrics_ref is None:
-            self._metrics_ref = self.actor.metrics.remote()
-        return dict(self._metrics)
+        return self._metrics.get()
 
     def close(self) -> None:
         """Let the annotator write its answers, then stop it."""
@@ -135,6 +152,103 @@ class RemoteAnnotator:
             ray.get(self.actor.close.remote(), timeout=60)
         except Exception as exc:  # noqa: BLE001
             logger.warning("annotator did not close cleanly: %s", exc)
+        ray.kill(self.actor)
+
+
+class RewardLearnerActor:
+    """The reward learner as a Ray actor: a thread pulls labels from the annotator, trains in
+    rounds and pushes every new snapshot to the policy learner; nobody waits for it."""
+
+    def __init__(self, cfg: Config, annotator, policy_learner, state: dict | None = None):
+        import threading
+
+        from oni_sys.learners.reward_learner import RewardLearner
+
+        torch.set_num_threads(cfg.runtime.torch_threads)
+        self.cfg = cfg
+        self.annotator = annotator
+        self.policy_learner = policy_learner
+        self.learner = RewardLearner(cfg)
+        if state is not None:
+            self.learner.load_state_dict(state)
+        self.policy_learner.set_reward_snapshot.remote(self.learner.snapshot)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reward-learner", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        import ray
+
+        while not self._stop.is_set():
+            try:
+                labels, prefs = ray.get(self.annotator.poll_records.remote(), timeout=30)
+            except Exception as exc:  # noqa: BLE001 (an annotator outage only pauses learning)
+                logger.warning("reward learner: no labels this round (%s)", exc)
+                labels, prefs = [], []
+            with self._lock:
+                self.learner.add(labels, prefs)
+                snapshot = self.learner.train(self.cfg.reward.updates_per_round)
+            if snapshot is not None:
+                self.policy_learner.set_reward_snapshot.remote(snapshot)
+            self._stop.wait(self.cfg.reward.round_interval_s)
+
+    def metrics(self) -> dict[str, float]:
+        """Loss, accuracy, counts, and the newest snapshot version."""
+        with self._lock:
+            return self.learner.metrics()
+
+    def state_dict(self) -> dict:
+        """For the checkpoint (between rounds)."""
+        with self._lock:
+            return self.learner.state_dict()
+
+    def close(self) -> None:
+        """Stop the loop."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+class RemoteRewardLearner:
+    """The driver's handle on the reward-learner actor (metrics fetched without waiting)."""
+
+    def __init__(self, runtime: RayRuntime):
+        import ray
+
+        cfg = runtime.cfg
+        state = None
+        if runtime.checkpoint and "reward" in runtime.checkpoint["learner"]:
+            state = runtime.checkpoint["learner"]["reward"]
+        self.actor = (
+            ray.remote(RewardLearnerActor)
+            .options(num_cpus=cfg.runtime.reward_learner_cpus, max_concurrency=4)
+            .remote(cfg, runtime.annotator.actor, runtime.learner, state)
+        )
+        self.runtime = runtime
+        self._metrics = _LatestAnswer(self.actor.metrics, ("reward_learner_version",))
+
+    def metrics(self) -> dict[str, float]:
+        """The latest metrics, plus how many snapshots the policy learner is behind."""
+        out = self._metrics.get()
+        used = self.runtime.reward_snapshot_version
+        if out.get("reward_learner_version") is not None and used is not None:
+            out["reward_snapshot_lag"] = out["reward_learner_version"] - used
+        return out
+
+    def state_dict(self) -> dict:
+        """For the checkpoint."""
+        import ray
+
+        return ray.get(self.actor.state_dict.remote())
+
+    def close(self) -> None:
+        """Stop the actor."""
+        import ray
+
+        try:
+            ray.get(self.actor.close.remote(), timeout=60)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("reward learner did not close cleanly: %s", exc)
         ray.kill(self.actor)
 
 
@@ -156,6 +270,8 @@ def _probe_env(cfg: Config) -> dict[str, Any]:
 class RayRuntime(Runtime):
     """Env runners and the learner as Ray actors, coordinated by this driver."""
 
+    reward_snapshot_version: float | None = None
+
     def _start_roles(self) -> None:
         import ray
 
@@ -170,7 +286,8 @@ class RayRuntime(Runtime):
                 # A local instance: bound to loopback, with enough logical CPUs for every actor
                 # even on a small machine (the actors share the cores; Ray only counts).
                 need = rt.num_env_runners * rt.cpus_per_env_runner + rt.learner_cpus
-                need += rt.annotator_cpus if self.cfg.annotator.enabled else 0.0
+                need += rt.annotator_cpus if self.annotator_enabled else 0.0
+                need += rt.reward_learner_cpus if self.reward_enabled else 0.0
                 ray.init(
                     num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
                     include_dashboard=False,
@@ -228,6 +345,7 @@ class RayRuntime(Runtime):
             if learning and (len(learning) >= max_batches or self.tracker.finished()):
                 done, learning = ray.wait(learning, num_returns=1)
                 stats = ray.get(done[0])
+                self.reward_snapshot_version = stats.get("reward_snapshot_version")
                 self._after_update(stats)
                 updates_since_broadcast += 1
                 if updates_since_broadcast >= rt.broadcast_every:
@@ -274,6 +392,9 @@ class RayRuntime(Runtime):
 
     def _start_annotator(self) -> RemoteAnnotator:
         return RemoteAnnotator(self.cfg, self.annotator_store_path())
+
+    def _start_reward_learner(self) -> RemoteRewardLearner:
+        return RemoteRewardLearner(self)
 
     def _learner_state(self) -> dict[str, Any]:
         import ray

@@ -35,6 +35,8 @@ class SerialRuntime(Runtime):
                 fragments.append(fragment)
             stats = self.learner.learn(fragments)
             self.runner.set_weights(self.learner.get_weights(), self.learner.version)
+            if self.reward_learner is not None:
+                self.reward_learner.round()
             self._after_update(stats)
 
     def _learner_state(self) -> dict[str, Any]:
@@ -45,5 +47,44 @@ class SerialRuntime(Runtime):
 
         return AnnotationService(self.cfg.annotator, self.annotator_store_path())
 
+    def _start_reward_learner(self) -> LocalRewardLearner:
+        return LocalRewardLearner(self)
+
     def _stop_roles(self) -> None:
         self.runner.close()
+
+
+class LocalRewardLearner:
+    """The reward learner in this process: one round of updates after every policy update."""
+
+    def __init__(self, runtime: SerialRuntime):
+        from oni_sys.learners.reward_learner import RewardLearner
+
+        self.runtime = runtime
+        self.learner = RewardLearner(runtime.cfg)
+        if runtime.checkpoint and "reward" in runtime.checkpoint["learner"]:
+            self.learner.load_state_dict(runtime.checkpoint["learner"]["reward"])
+        runtime.learner.set_reward_snapshot(self.learner.snapshot)
+
+    def round(self) -> None:
+        """Take new labels from the annotator, train a little, publish a snapshot when due."""
+        labels, prefs = self.runtime.annotator.poll_records()
+        self.learner.add(labels, prefs)
+        snapshot = self.learner.train(self.runtime.cfg.reward.updates_per_round)
+        if snapshot is not None:
+            self.runtime.learner.set_reward_snapshot(snapshot)
+
+    def metrics(self) -> dict[str, float]:
+        """The reward learner's metrics and the snapshot lag (0 here: published at once)."""
+        out = self.learner.metrics()
+        out["reward_snapshot_lag"] = float(
+            self.learner.snapshot.version - self.runtime.learner.intrinsic.snapshot_version
+        )
+        return out
+
+    def state_dict(self) -> dict:
+        """For the checkpoint."""
+        return self.learner.state_dict()
+
+    def close(self) -> None:
+        """Nothing to release in process."""
