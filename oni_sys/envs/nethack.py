@@ -2,14 +2,23 @@
 
 NLE is imported lazily so the rest of ``oni_sys`` works without the optional ``nle`` extra.
 
-Two NLE 1.3.0 behaviours shape this module:
+Tasks (``env.id=nle:<task>``, see :data:`NETHACK_TASKS`):
+
+* ONI's tasks :data:`ONI_TASKS` (Score, Staircase, StaircaseLvl3, StaircaseLvl4, Oracle) are
+  our own implementation in :mod:`oni_sys.envs.nethack_tasks`: ONI's rewards, its 23- or
+  28-action sets (``extended_actions``) and its automatic ``--More--``/prompt handling.
+* NLE's other tasks :data:`NLE_TASKS` (Gold, Eat, Scout, Challenge) are NLE's own, unchanged.
+
+NLE 1.3.0 behaviours that shape this module:
 
 * NLE reuses its observation buffers: the arrays returned by ``reset``/``step`` are views that
   the next ``step`` overwrites in place. Copy an observation if you keep it past the next step.
-* On the step that ends a game (death, task success or NLE's own ``max_episode_steps`` abort,
-  all reported as ``terminated=True``), NetHack has already shut down and the returned
-  ``glyphs``/``blstats``/``message`` are all zeros. :class:`NetHackStats` therefore reports the
-  score and depth last seen while the game was still running.
+* On the step on which the hero dies NetHack has already shut down and the returned
+  ``glyphs``/``blstats``/``message`` are all zeros (``terminated=True``). NLE's own tasks do
+  the same on task success and on their ``max_episode_steps`` abort (also reported as
+  ``terminated=True``); ONI's tasks instead return the live observation there, with
+  ``terminated=True`` on success and ``truncated=True`` at the step limit.
+  :class:`NetHackStats` reports the score and depth last seen while the game was running.
 * ``reset(seed=...)`` does not seed NetHack itself; :class:`NetHackStats` forwards the seed to
   NLE's own ``seed()`` so that a seeded reset really replays the same game.
 """
@@ -18,23 +27,32 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 from typing import Any, SupportsFloat
 
 import gymnasium
 import numpy as np
+from gymnasium.envs.registration import load_env_creator
 
 logger = logging.getLogger(__name__)
 
-#: Our task names -> NLE gym ids (registered by ``import nle``).
-NETHACK_TASKS: dict[str, str] = {
-    "Score": "NetHackScore-v0",
-    "Staircase": "NetHackStaircase-v0",
-    "Oracle": "NetHackOracle-v0",
+#: ONI's tasks, built by :mod:`oni_sys.envs.nethack_tasks` (kept in step with its ``TASKS``;
+#: named here so that listing tasks does not need nle).
+ONI_TASKS: tuple[str, ...] = ("Score", "Staircase", "StaircaseLvl3", "StaircaseLvl4", "Oracle")
+
+#: NLE's own tasks without ONI's changes: our name -> NLE gym id (registered by ``import nle``).
+NLE_TASKS: dict[str, str] = {
     "Gold": "NetHackGold-v0",
     "Eat": "NetHackEat-v0",
     "Scout": "NetHackScout-v0",
     "Challenge": "NetHackChallenge-v0",
+}
+
+#: Every task name accepted by :func:`make_nethack_env` -> where it comes from.
+NETHACK_TASKS: dict[str, str] = {
+    **{task: f"oni_sys.envs.nethack_tasks.{task}" for task in ONI_TASKS},
+    **NLE_TASKS,
 }
 
 DEFAULT_OBSERVATION_KEYS: tuple[str, ...] = ("glyphs", "blstats", "message")
@@ -63,9 +81,12 @@ def _import_nle() -> Any:
 class NetHackStats(gymnasium.Wrapper):
     """Put ``info["episode_extras"] = {"score", "depth"}`` on every reset and step.
 
-    The values come from ``blstats``. On the terminal step NLE hands back zeroed ``blstats``,
+    The values come from ``blstats``. When a game ends NLE may hand back zeroed ``blstats``,
     so the wrapper keeps the values from the last step on which the game was still running;
     the extras of the final step are the episode's real final score and dungeon depth.
+
+    Goal tasks (ONI's with ``is_goal_task``, NLE's whose ``StepStatus`` has
+    ``TASK_SUCCESSFUL``) also get ``success``: 1.0 from the step that reaches the goal, else 0.0.
     """
 
     def __init__(self, env: gymnasium.Env) -> None:
@@ -81,8 +102,14 @@ class NetHackStats(gymnasium.Wrapper):
             self._depth_index = int(nethack.NLE_BL_DEPTH)
         except (ImportError, AttributeError):
             self._score_index, self._depth_index = _BL_SCORE, _BL_DEPTH
+        status = getattr(getattr(env.unwrapped, "StepStatus", None), "TASK_SUCCESSFUL", None)
+        # ONI's tasks say whether they have a goal (Score shares their StepStatus); NLE's own
+        # tasks have TASK_SUCCESSFUL exactly when they have one.
+        is_goal = getattr(env.unwrapped, "is_goal_task", status is not None)
+        self._success_status = int(status) if is_goal and status is not None else None
         self._score = 0.0
         self._depth = 0.0
+        self._success = 0.0
 
     def _seed_nethack(self, seed: int) -> None:
         core, disp = (int(v) for v in np.random.SeedSequence(seed).generate_state(2))
@@ -102,7 +129,10 @@ class NetHackStats(gymnasium.Wrapper):
             self._depth = depth
 
     def _extras(self) -> dict[str, float]:
-        return {"score": self._score, "depth": self._depth}
+        extras = {"score": self._score, "depth": self._depth}
+        if self._success_status is not None:
+            extras["success"] = self._success
+        return extras
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -117,6 +147,7 @@ class NetHackStats(gymnasium.Wrapper):
         obs, info = self.env.reset(seed=seed, options=options)
         self._score = 0.0
         self._depth = 0.0
+        self._success = 0.0
         self._update(obs["blstats"])
         info = dict(info)
         info["episode_extras"] = self._extras()
@@ -127,22 +158,55 @@ class NetHackStats(gymnasium.Wrapper):
     ) -> tuple[dict[str, np.ndarray], SupportsFloat, bool, bool, dict[str, Any]]:
         """Step the env, adding the episode extras to ``info``."""
         obs, reward, terminated, truncated, info = self.env.step(action)
-        # A terminated step means NetHack has ended the game and its blstats are zeros; a
-        # truncation by a gymnasium TimeLimit still carries the real, live observation.
-        if not terminated:
-            self._update(obs["blstats"])
+        # Zeroed blstats (a game NetHack has already ended) are skipped by _update; the live
+        # observations ONI's tasks return at success or the step limit are counted.
+        self._update(obs["blstats"])
+        if self._success_status is not None and int(info.get("end_status", 0)) == (
+            self._success_status
+        ):
+            self._success = 1.0
         info = dict(info)
         info["episode_extras"] = self._extras()
         return obs, reward, terminated, truncated, info
 
 
-def make_nethack_env(task: str, **kwargs: Any) -> gymnasium.Env:
-    """Create the NLE env for ``task`` (a key of :data:`NETHACK_TASKS`), wrapped in NetHackStats.
+def _constructor_kwargs(cls: type) -> set[str]:
+    """Keyword arguments accepted by ``cls`` and the ``__init__`` of its base classes."""
+    names: set[str] = set()
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            if param.name != "self" and param.kind in (
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                inspect.Parameter.KEYWORD_ONLY,
+            ):
+                names.add(param.name)
+    return names
 
-    ``kwargs`` go to the NLE constructor (``character``, ``savedir``, ``penalty_step``, ...).
+
+def _check_kwargs(task: str, kwargs: dict[str, Any], allowed: set[str] | tuple[str, ...]) -> None:
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"Unknown argument(s) {', '.join(unknown)} for NetHack task {task!r}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def make_nethack_env(task: str, **kwargs: Any) -> gymnasium.Env:
+    """Create the env for ``task`` (a key of :data:`NETHACK_TASKS`), wrapped in NetHackStats.
+
+    ONI's tasks (:data:`ONI_TASKS`) are built from :mod:`oni_sys.envs.nethack_tasks`; their
+    ``kwargs`` are ``extended_actions`` (28 actions instead of 23), ``max_episode_steps``,
+    ``max_auto_steps``, ``auto_enhance``, the task's reward settings and NLE's own arguments
+    (``character``, ``observation_keys``, ``savedir``, ...). NLE's tasks (:data:`NLE_TASKS`)
+    take NLE's arguments. Unknown arguments raise ValueError naming the allowed ones.
+
     ``observation_keys`` defaults to ``("glyphs", "blstats", "message")``. ``max_episode_steps``
-    is handed to NLE itself (which quits the game cleanly and ends the episode with
-    ``terminated=True``), not to a gymnasium ``TimeLimit`` as ``gymnasium.make`` would do.
+    is handled by the env itself (which quits the game cleanly), never by a gymnasium
+    ``TimeLimit`` as ``gymnasium.make`` would do.
     """
     if task not in NETHACK_TASKS:
         raise ValueError(
@@ -150,7 +214,18 @@ def make_nethack_env(task: str, **kwargs: Any) -> gymnasium.Env:
         )
     _import_nle()
     kwargs.setdefault("observation_keys", DEFAULT_OBSERVATION_KEYS)
-    spec = gymnasium.spec(NETHACK_TASKS[task])
+    if task in ONI_TASKS:
+        from oni_sys.envs.nethack_tasks import TASKS
+
+        cls = TASKS[task]
+        _check_kwargs(task, kwargs, cls.allowed_kwargs())
+        env: gymnasium.Env = cls(**kwargs)
+        logger.debug("Created ONI task %s (%d actions)", task, env.action_space.n)
+        return NetHackStats(env)
+
+    spec = gymnasium.spec(NLE_TASKS[task])
+    entry_point = load_env_creator(spec.entry_point)
+    _check_kwargs(task, kwargs, _constructor_kwargs(entry_point))
     if "max_episode_steps" in kwargs:
         # gymnasium.make would swallow this keyword for its own TimeLimit wrapper.
         spec = dataclasses.replace(

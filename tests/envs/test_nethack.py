@@ -11,10 +11,14 @@ from nle import nethack  # noqa: E402
 
 from oni_sys.envs.nethack import (  # noqa: E402
     NETHACK_TASKS,
+    NLE_TASKS,
+    ONI_TASKS,
     decode_message,
     make_nethack_env,
     nethack_captioner,
 )
+
+GOAL_TASKS = {"Staircase", "StaircaseLvl3", "StaircaseLvl4", "Oracle"}
 
 
 def _random_actions(env, seed: int):
@@ -38,9 +42,22 @@ def test_every_task_resets_and_steps(task: str) -> None:
         assert info["episode_extras"]["depth"] == 1.0
         obs, reward, terminated, truncated, info = env.step(0)
         assert np.isfinite(float(reward))
-        assert set(info["episode_extras"]) == {"score", "depth"}
+        expected = {"score", "depth", "success"} if task in GOAL_TASKS else {"score", "depth"}
+        assert set(info["episode_extras"]) == expected
     finally:
         env.close()
+
+
+def test_task_lists_keep_oni_and_nle_tasks_apart() -> None:
+    assert set(ONI_TASKS) == {"Score", "Staircase", "StaircaseLvl3", "StaircaseLvl4", "Oracle"}
+    assert not set(ONI_TASKS) & set(NLE_TASKS)
+    assert set(NETHACK_TASKS) == set(ONI_TASKS) | set(NLE_TASKS)
+    for task in ONI_TASKS:
+        env = make_nethack_env(task)
+        try:
+            assert type(env.unwrapped).__module__ == "oni_sys.envs.nethack_tasks"
+        finally:
+            env.close()
 
 
 def test_unknown_task_lists_allowed_tasks() -> None:
@@ -113,8 +130,8 @@ def test_seeded_reset_replays_the_game() -> None:
         env.close()
 
 
-def _play_episode(env, seed: int, max_steps: int) -> tuple[np.ndarray, dict, np.ndarray]:
-    """Random play to the end; returns (last live blstats, final info, final blstats)."""
+def _play_episode(env, seed: int, max_steps: int) -> tuple[np.ndarray, dict, np.ndarray, bool]:
+    """Random play to the end; returns (last live blstats, final info, final blstats, truncated)."""
     obs, info = env.reset(seed=seed)
     assert info["episode_extras"]["depth"] >= 1.0
     actions = _random_actions(env, seed)
@@ -123,29 +140,50 @@ def _play_episode(env, seed: int, max_steps: int) -> tuple[np.ndarray, dict, np.
         obs, _, terminated, truncated, info = env.step(next(actions))
         assert "episode_extras" in info
         if terminated or truncated:
-            return live, info, obs["blstats"].copy()
+            return live, info, obs["blstats"].copy(), truncated
     raise AssertionError(f"episode did not end within {max_steps} steps")
 
 
 def test_extras_at_game_end_report_last_live_score_and_depth() -> None:
-    # Short NLE step limit: random play ends some games by death and others by NLE's abort
-    # (which quits the game); both zero the final blstats.
+    # Short step limit: random play ends some games by death (NetHack zeroes the final
+    # blstats; terminated) and others at the limit (ONI's Score quits the game itself and
+    # hands back the live observation; truncated).
     env = make_nethack_env("Score", max_episode_steps=1500)
     death, aborted = int(env.unwrapped.StepStatus.DEATH), int(env.unwrapped.StepStatus.ABORTED)
     seen: set[int] = set()
     try:
         for seed in range(20):
-            live, info, final = _play_episode(env, seed, max_steps=2000)
-            assert not final.any()
+            live, info, final, truncated = _play_episode(env, seed, max_steps=2000)
             extras = info["episode_extras"]
-            assert extras["score"] == float(live[nethack.NLE_BL_SCORE])
-            assert extras["depth"] == float(live[nethack.NLE_BL_DEPTH])
+            status = int(info["end_status"])
+            if status == death:
+                assert not truncated
+                assert not final.any()
+                last = live
+            else:
+                assert status == aborted and truncated
+                assert final[nethack.NLE_BL_DEPTH] >= 1
+                last = final
+            assert extras["score"] == float(last[nethack.NLE_BL_SCORE])
+            assert extras["depth"] == float(last[nethack.NLE_BL_DEPTH])
             assert extras["depth"] >= 1.0
             if extras["score"] > 0:
-                seen.add(int(info["end_status"]))
+                seen.add(status)
             if {death, aborted} <= seen:
                 break
         else:
             pytest.fail(f"wanted a scoring death and a scoring abort, saw end statuses {seen}")
+    finally:
+        env.close()
+
+
+def test_nle_task_extras_at_game_end_report_last_live_values() -> None:
+    # NLE's own tasks still zero the final observation at their step limit.
+    env = make_nethack_env("Gold", max_episode_steps=50)
+    try:
+        live, info, final, _ = _play_episode(env, seed=0, max_steps=100)
+        assert not final.any()
+        assert info["episode_extras"]["depth"] == float(live[nethack.NLE_BL_DEPTH])
+        assert info["episode_extras"]["score"] == float(live[nethack.NLE_BL_SCORE])
     finally:
         env.close()
