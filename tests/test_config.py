@@ -92,3 +92,26 @@ def test_config_reference_is_current():
     assert doc.read_text() == describe_config(), (
         "regenerate: python -m oni_sys.config > docs/CONFIG.md"
     )
+
+
+def test_oni_configs_are_generated_and_valid(tmp_path):
+    """configs/oni/ is what its generator writes, and every file validates."""
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "oni"
+    spec = importlib.util.spec_from_file_location("oni_generate", folder / "generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    import yaml
+
+    files = sorted(folder.glob("*.yaml")) + sorted((folder / "small").glob("*.yaml"))
+    assert len(files) == 2 * len(gen.TASKS) * len(gen.KINDS)
+    for path in files:
+        small = path.parent.name == "small"
+        task = next(t for t in gen.TASKS if path.stem.startswith(t.lower() + "_"))
+        kind = path.stem[len(task) + 1 :]
+        assert yaml.safe_load(path.read_text()) == gen.config(task, kind, small), path
+        cfg = load_config(path)
+        assert cfg.reward.c_ext == (0.1 if task == "Score" else 10.0)
+        assert cfg.reward.beta == 3.0
