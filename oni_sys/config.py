@@ -200,6 +200,12 @@ class RewardConfig:
     updates_per_snapshot: int = _f(
         50, min=1, help="reward-model updates between published snapshots"
     )
+    updates_per_round: int = _f(
+        4, min=1, help="reward-model updates per round (serial: one round per policy update)"
+    )
+    round_interval_s: float = _f(
+        0.2, min=0.0, help="ray: pause between the reward learner's rounds (leaves CPU to others)"
+    )
 
 
 @dataclass

@@ -25,9 +25,18 @@ the key. The key is kept after opening. This makes the chain unlikely for a rand
 random-policy success rate is computed exactly in the tests) while a policy shaped by rewards for
 the two intermediate events learns it quickly.
 
-Observation: a flat ``float32`` Box of ``4 * size * size + 2`` values in [0, 1]: four one-hot
-planes over the grid (agent, key while it lies on the floor, door, goal), then ``has_key`` and
-``door_open``. Fully observed and Markov, so the feed-forward MLP policy needs no memory.
+Observation: a flat ``float32`` Box of ``6 * size * size + 2`` values in [0, 1] (488 for
+``size=9``), made of one-hot planes over the grid, row-major:
+
+- planes 0-2: the agent's position, in the plane of its stage (0: no key, 1: key in hand and the
+  door closed, 2: door open). A stage change moves the agent to fresh input units, so what the
+  policy learnt before an event does not carry over blindly to the stage after it (with a single
+  agent plane plus a ``has_key`` bit, a small MLP keeps walking back to where the key was);
+- plane 3: the key while it lies on the floor; plane 4: the door; plane 5: the goal (constant in
+  the fixed layout, informative with ``randomize=True``);
+- then ``has_key`` and ``door_open`` as two scalars.
+
+Fully observed and Markov, so the feed-forward MLP policy needs no memory.
 
 Captions: ``info["caption"]`` holds the message of the step, worded like NetHack's, and is absent
 on steps without one. Events (in the order an optimal episode emits them): :data:`EVENT_CAPTIONS`.
@@ -208,7 +217,7 @@ class KeyDoorEnv(gym.Env):
         self.render_mode = render_mode
         self.action_space = gym.spaces.Discrete(len(ACTION_NAMES))
         cells = self.size * self.size
-        self.observation_space = gym.spaces.Box(0.0, 1.0, (4 * cells + 2,), np.float32)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, (6 * cells + 2,), np.float32)
         self.layout = fixed_layout(self.size)
         self.state = State(self.layout.start)
         self.steps = 0
@@ -231,16 +240,17 @@ class KeyDoorEnv(gym.Env):
         )
 
     def _obs(self) -> np.ndarray:
-        cells = self.size * self.size
-        obs = np.zeros(4 * cells + 2, np.float32)
+        size, cells = self.size, self.size * self.size
+        obs = np.zeros(6 * cells + 2, np.float32)
         lay, st = self.layout, self.state
-        obs[st.pos[1] * self.size + st.pos[0]] = 1.0
+        stage = 2 if st.door_open else int(st.has_key)
+        obs[stage * cells + st.pos[1] * size + st.pos[0]] = 1.0
         if not st.has_key:
-            obs[cells + lay.key[1] * self.size + lay.key[0]] = 1.0
-        obs[2 * cells + lay.door[1] * self.size + lay.door[0]] = 1.0
-        obs[3 * cells + lay.goal[1] * self.size + lay.goal[0]] = 1.0
-        obs[4 * cells] = float(st.has_key)
-        obs[4 * cells + 1] = float(st.door_open)
+            obs[3 * cells + lay.key[1] * size + lay.key[0]] = 1.0
+        obs[4 * cells + lay.door[1] * size + lay.door[0]] = 1.0
+        obs[5 * cells + lay.goal[1] * size + lay.goal[0]] = 1.0
+        obs[6 * cells] = float(st.has_key)
+        obs[6 * cells + 1] = float(st.door_open)
         return obs
 
     # -- gymnasium API -----------------------------------------------------------------------

@@ -60,9 +60,11 @@ class IntrinsicReward:
         unique = np.unique(caption_ids[present])
         if unique.size == 0:
             return out
-        pos = np.searchsorted(self._ids, unique)
-        cached = (pos < self._ids.size) & (self._ids[np.minimum(pos, self._ids.size - 1)] == unique)
-        new = unique[~cached] if self._ids.size else unique
+        if self._ids.size:
+            pos = np.minimum(np.searchsorted(self._ids, unique), self._ids.size - 1)
+            new = unique[self._ids[pos] != unique]
+        else:
+            new = unique
         if new.size:
             texts = [self.texts.get(int(i), "") for i in new]
             values = np.asarray(self.snapshot.rewards(new, texts), dtype=np.float32)

@@ -147,7 +147,8 @@ class Tracker:
         keys = {k for s in self._window for k in s}
         for key in sorted(keys):
             vals = [s[key] for s in self._window if key in s]
-            row[key] = float(np.mean(vals))
+            # Versions are states, not rates: report the latest, not an average.
+            row[key] = float(vals[-1] if key.endswith("_version") else np.mean(vals))
         row.pop("trained", None)
         row.setdefault("policy_lag_mean", float("nan"))  # no update since the last row
         row["policy_lag_max"] = max((s["policy_lag_max"] for s in self._window), default=0.0)
