@@ -15,6 +15,8 @@ from typing import Any
 
 import gymnasium as gym
 
+import oni_sys.envs.keydoor  # noqa: F401  (registers gym:oni_sys/KeyDoor-v0)
+
 ACCEPTED_FORMS = "gym:<gymnasium id> (e.g. gym:CartPole-v1) or nle:<task> (e.g. nle:Score)"
 
 Captioner = Callable[[Any, dict], "str | None"]

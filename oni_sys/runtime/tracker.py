@@ -150,6 +150,10 @@ class Tracker:
             # Versions are states, not rates: report the latest, not an average.
             row[key] = float(vals[-1] if key.endswith("_version") else np.mean(vals))
         row.pop("trained", None)
+        learn_times = [s["learn_time"] for s in self._window if "learn_time" in s]
+        if learn_times:
+            # Share of wall time the policy learner spent waiting (for fragments, or anything).
+            row["learner_idle_fraction"] = max(0.0, 1.0 - sum(learn_times) / elapsed)
         row.setdefault("policy_lag_mean", float("nan"))  # no update since the last row
         row["policy_lag_max"] = max((s["policy_lag_max"] for s in self._window), default=0.0)
         row["fragments_dropped"] = self._fragments_dropped
