@@ -8,9 +8,10 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= nethack,llamacpp,plots,dev
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
-# The main job: NetHackScore on the Ray runtime for a bounded budget (about 10 minutes here).
-TRAIN_CONFIG ?= configs/nethack_score.yaml
-TRAIN_ARGS   ?= train.total_env_steps=600000
+# The main job: ONI (hashing rewards, embedded Gemma 3 270M annotator, Ray runtime) on
+# NetHackScore for a bounded budget (about 10 minutes on 2 CPU cores).
+TRAIN_CONFIG ?= configs/oni/small/score_hashing.yaml
+TRAIN_ARGS   ?= name=oni_score_hashing train.total_env_steps=450000
 
 .PHONY: setup train test lint format bench clean
 

@@ -54,6 +54,12 @@ class ProgressBar:
                 f" labels={row['labels_total']} queue={row['annotator_queue']}"
                 if "labels_total" in row
                 else ""
+            )
+            + (
+                f" r_int={_fmt(row['intrinsic_reward_mean'], '.4f')}"
+                f" int_return={_fmt(row.get('intrinsic_return_mean'), '.2f')}"
+                if "intrinsic_reward_mean" in row
+                else ""
             ),
             refresh=False,
         )
