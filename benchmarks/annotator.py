@@ -58,21 +58,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import dataclasses
 import datetime
 import logging
 import os
 import platform
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -141,104 +135,6 @@ def make_captions(n: int, seed: int, cfg: AnnotatorConfig) -> list[str]:
     if n > len(pool):
         raise SystemExit(f"--captions {n}: at most {len(pool)} distinct captions are generated")
     return random.Random(seed).sample(pool, n)
-
-
-# --------------------------------------------------------------------------------------------
-# the llama.cpp server (the approach of tests/annotators/conftest.py)
-
-try:  # loaded before any fork: the child only makes one system call through it
-    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform == "linux" else None
-except OSError:
-    _LIBC = None
-
-
-def _die_with_parent() -> None:
-    """In the server child before exec: SIGKILL it when this process dies (Linux)."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LlamaCppServer:
-    """``python -m llama_cpp.server`` on 127.0.0.1; a context manager that always stops it."""
-
-    def __init__(self, model_path: Path, alias: str, n_threads: int, log_path: Path) -> None:
-        self.model_path = model_path
-        self.alias = alias
-        self.n_threads = n_threads
-        self.log_path = log_path
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def base_url(self) -> str:
-        """Server URL up to ``/v1``."""
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self) -> LlamaCppServer:
-        cmd = [
-            sys.executable, "-m", "llama_cpp.server",
-            "--model", str(self.model_path), "--model_alias", self.alias,
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--n_ctx", "2048", "--logits_all", "true",
-            "--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads),
-        ]  # fmt: skip
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        try:
-            self._wait_ready(120.0)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.base_url + "/models", timeout=5) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"llama_cpp.server did not answer in {timeout_s} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s; idempotent."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    def log_tail(self, n_bytes: int = 3000) -> str:
-        """The end of the server's output."""
-        try:
-            return self.log_path.read_bytes()[-n_bytes:].decode("utf-8", errors="replace")
-        except OSError:
-            return ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +234,7 @@ def run_throughput(args: argparse.Namespace) -> dict[tuple[str, int], dict[str, 
     """
     from oni_sys.annotators.embedded_model import EMBEDDED_MODEL_ID, embedded_gguf_path
     from oni_sys.annotators.llamacpp_backend import LlamaCppBackend
+    from oni_sys.annotators.llamacpp_server import LlamaCppServer
     from oni_sys.annotators.openai_backend import OpenAIBackend
 
     base = AnnotatorConfig()
@@ -357,7 +254,7 @@ def run_throughput(args: argparse.Namespace) -> dict[tuple[str, int], dict[str, 
     with tempfile.TemporaryDirectory(prefix="oni-annotator-bench-") as tmp:
         tmp_path = Path(tmp)
         server = LlamaCppServer(
-            model_path, EMBEDDED_MODEL_ID, args.n_threads, tmp_path / "server.log"
+            model_path, tmp_path / "server.log", EMBEDDED_MODEL_ID, n_threads=args.n_threads
         )
         with server:
             for conc in args.concurrency:
