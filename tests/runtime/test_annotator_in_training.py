@@ -5,34 +5,17 @@ from __future__ import annotations
 import pytest
 
 from oni_sys.annotators.annotation_store import AnnotationStore
-from oni_sys.config import load_config
-from oni_sys.runtime import make_runtime
-from oni_sys.runtime.run_dir import read_metrics
 
 RULES = 'annotator.rules=[{pattern: "(?i)kill|gold|level|stair", label: 1}]'
 
 
-def _train(tmp_path, *overrides):
-    cfg = load_config(
-        "configs/nethack_score.yaml",
-        [
-            f"runs_dir={tmp_path}",
-            "model.hidden_size=64",
-            "train.progress=false",
-            "train.log_every_updates=5",
-            "annotator.enabled=true",
-            *overrides,
-        ],
-    )
-    runtime = make_runtime(cfg)
-    runtime.setup()
-    run_dir = runtime.run()
-    return run_dir, read_metrics(run_dir / "metrics.jsonl")
+NETHACK = ("configs/nethack_score.yaml", "model.hidden_size=64", "train.log_every_updates=5")
 
 
-def test_serial_rules_annotator_labels_every_caption(tmp_path):
-    run_dir, rows = _train(
-        tmp_path,
+def test_serial_rules_annotator_labels_every_caption(train):
+    _, run_dir, rows = train(
+        *NETHACK,
+        "annotator.enabled=true",
         "runtime.kind=serial",
         "train.total_env_steps=8000",
         "annotator.backend=rules",
@@ -58,8 +41,10 @@ def test_serial_rules_annotator_labels_every_caption(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_embedded_llm_annotator(tmp_path):
-    run_dir, rows = _train(tmp_path, "runtime.kind=ray", "train.total_env_steps=20000")
+def test_ray_embedded_llm_annotator(train):
+    _, run_dir, rows = train(
+        *NETHACK, "annotator.enabled=true", "runtime.kind=ray", "train.total_env_steps=20000"
+    )
     assert rows[-1]["env_steps"] >= 20000
     assert rows[-1]["labels_total"] > 0
     assert rows[-1]["annotator_requests_total"] >= rows[-1]["labels_total"]

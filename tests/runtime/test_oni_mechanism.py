@@ -6,34 +6,23 @@ from __future__ import annotations
 
 import pytest
 
-from oni_sys.config import load_config
-from oni_sys.runtime import make_runtime
-from oni_sys.runtime.run_dir import read_metrics
-
 BUDGET = 150_000
 
 
-def _train(tmp_path, kind: str, seed: int):
-    cfg = load_config(
+def _rows(train, kind: str, seed: int):
+    _, _, rows = train(
         "configs/keydoor.yaml",
-        [
-            f"runs_dir={tmp_path}",
-            f"reward.kind={kind}",
-            f"seed={seed}",
-            f"train.total_env_steps={BUDGET}",
-            "train.progress=false",
-            "train.tensorboard=false",
-        ],
+        f"reward.kind={kind}",
+        f"seed={seed}",
+        f"train.total_env_steps={BUDGET}",
+        "train.tensorboard=false",
     )
-    runtime = make_runtime(cfg)
-    runtime.setup()
-    run_dir = runtime.run()
-    return read_metrics(run_dir / "metrics.jsonl")
+    return rows
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_extrinsic_only_never_learns_to_reach_the_goal(tmp_path, seed):
-    rows = _train(tmp_path, "none", seed)
+def test_extrinsic_only_never_learns_to_reach_the_goal(train, seed):
+    rows = _rows(train, "none", seed)
     assert rows[-1]["env_steps"] >= BUDGET
     # A random walk stumbles on the goal about once in hundreds of episodes (a window mean of
     # ~0.006); a policy that has learnt the chain scores ~0.77. It never gets close.
@@ -43,8 +32,8 @@ def test_extrinsic_only_never_learns_to_reach_the_goal(tmp_path, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_oni_hashing_with_rules_reaches_the_goal(tmp_path, seed):
-    rows = _train(tmp_path, "hashing", seed)
+def test_oni_hashing_with_rules_reaches_the_goal(train, seed):
+    rows = _rows(train, "hashing", seed)
     # The goal reward is 1 - 0.9 * steps / max_steps: >= 0.7 means short, direct episodes.
     assert rows[-1]["episode_return_mean"] >= 0.7, [r["episode_return_mean"] for r in rows]
     assert rows[-1]["intrinsic_return_mean"] > 0

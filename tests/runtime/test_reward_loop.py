@@ -6,33 +6,14 @@ import socket
 
 import pytest
 
-from oni_sys.config import load_config
-from oni_sys.runtime import make_runtime
-from oni_sys.runtime.run_dir import read_metrics
-
-
-def _train(tmp_path, config, *overrides):
-    cfg = load_config(
-        config,
-        [
-            f"runs_dir={tmp_path}",
-            "model.hidden_size=64",
-            "train.progress=false",
-            "train.log_every_updates=5",
-            *overrides,
-        ],
-    )
-    runtime = make_runtime(cfg)
-    runtime.setup()
-    run_dir = runtime.run()
-    return run_dir, read_metrics(run_dir / "metrics.jsonl")
+FAST = ["model.hidden_size=64", "train.log_every_updates=5"]
 
 
 @pytest.mark.slow
-def test_full_loop_nethack_ray_embedded_gemma(tmp_path):
+def test_full_loop_nethack_ray_embedded_gemma(train):
     """ONI-hashing on NetHackScore, Ray runtime, embedded Gemma: labels arrive, rewards flow."""
-    run_dir, rows = _train(
-        tmp_path, "configs/oni/small/score_hashing.yaml", "train.total_env_steps=30000"
+    _, run_dir, rows = train(
+        "configs/oni/small/score_hashing.yaml", *FAST, "train.total_env_steps=30000"
     )
     last = rows[-1]
     assert last["env_steps"] >= 30000
@@ -44,14 +25,14 @@ def test_full_loop_nethack_ray_embedded_gemma(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["serial", pytest.param("ray", marks=pytest.mark.slow)])
-def test_no_labels_means_zero_intrinsic_reward_and_no_waiting(tmp_path, kind):
+def test_no_labels_means_zero_intrinsic_reward_and_no_waiting(train, kind):
     """The LLM is unreachable: training runs its whole budget and every intrinsic reward is 0."""
     with socket.socket() as s:  # a port nothing listens on: every request is refused
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    run_dir, rows = _train(
-        tmp_path,
+    _, run_dir, rows = train(
         "configs/oni/small/score_hashing.yaml",
+        *FAST,
         f"runtime.kind={kind}",
         "train.total_env_steps=10000",
         "annotator.backend=openai",
