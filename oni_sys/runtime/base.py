@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +72,32 @@ class Runtime:
             extra.update(self.reward_learner.metrics())
         self.tracker.log_row(extra)
 
+    def stop_requested(self) -> bool:
+        """True once Ctrl-C (SIGINT) asked the run to stop; the loops check it every step."""
+        return self.interrupted
+
+    def _on_sigint(self, signum, frame) -> None:
+        # A flag, not an exception: a KeyboardInterrupt raised at an arbitrary point can land
+        # in a finaliser or a callback and be swallowed, and the run would go on. A second
+        # Ctrl-C still raises, for a run that does not come back to its loop.
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        logger.warning("Ctrl-C: stopping after this step and writing a checkpoint (again to abort)")
+
     def run(self) -> Path:
         """Train; returns the run directory. Ctrl-C stops cleanly with a checkpoint."""
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             self._train_loop()
         except KeyboardInterrupt:
             self.interrupted = True
             logger.warning("interrupted: writing a checkpoint and stopping")
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
             try:
                 if self.tracker.updates > 0:
                     self.save_checkpoint()

@@ -341,8 +341,9 @@ class RayRuntime(Runtime):
         for i in range(len(self.runners)):
             request(i)
         updates_since_broadcast = 0
-        while not self.tracker.finished() or learning:
-            if learning and (len(learning) >= max_batches or self.tracker.finished()):
+        while (not self.tracker.finished() and not self.stop_requested()) or learning:
+            stopping = self.tracker.finished() or self.stop_requested()
+            if learning and (len(learning) >= max_batches or stopping):
                 done, learning = ray.wait(learning, num_returns=1)
                 stats = ray.get(done[0])
                 self.reward_snapshot_version = stats.get("reward_snapshot_version")
@@ -354,9 +355,11 @@ class RayRuntime(Runtime):
                     for runner in self.runners:
                         runner.load_packet.remote(self.weights)
                 continue
-            if self.tracker.finished():
+            if stopping:
                 continue
-            done, _ = ray.wait(list(sampling), num_returns=1)
+            done, _ = ray.wait(list(sampling), num_returns=1, timeout=1.0)
+            if not done:
+                continue  # look at the stop flag again
             index, frag_ref = sampling.pop(done[0])
             try:
                 summary = ray.get(done[0])

@@ -26,7 +26,7 @@ class SerialRuntime(Runtime):
 
     def _train_loop(self) -> None:
         per_batch = self.cfg.algo.fragments_per_batch
-        while not self.tracker.finished():
+        while not self.tracker.finished() and not self.stop_requested():
             fragments = []
             for _ in range(per_batch):
                 fragment = self.runner.sample()
