@@ -122,25 +122,29 @@ def test_registered_id_builds_through_the_env_spec() -> None:
         env.close()
 
 
-def test_observation_encodes_stage_position_and_flags() -> None:
+def test_observation_is_the_agent_in_its_stage_plane_plus_the_layout() -> None:
     env = KeyDoorEnv(noise_prob=0.0)
     obs, _ = env.reset(seed=0)
     size, cells = env.size, env.size * env.size
-    assert obs.shape == (6 * cells + 2,) and obs.dtype == np.float32
+    assert obs.shape == (6 * cells,) and obs.dtype == np.float32
     lay = env.layout
+    layout_part = obs[3 * cells :].copy()
+    assert layout_part[lay.key[1] * size + lay.key[0]] == 1.0
+    assert layout_part[cells + lay.door[1] * size + lay.door[0]] == 1.0
+    assert layout_part[2 * cells + lay.goal[1] * size + lay.goal[0]] == 1.0
+    assert layout_part.sum() == 3.0
     assert obs[lay.start[1] * size + lay.start[0]] == 1.0  # stage-0 plane
-    assert obs[: 3 * cells].sum() == 1.0
-    assert obs[3 * cells + lay.key[1] * size + lay.key[0]] == 1.0
-    assert obs[4 * cells + lay.door[1] * size + lay.door[0]] == 1.0
-    assert obs[5 * cells + lay.goal[1] * size + lay.goal[0]] == 1.0
-    assert obs[-2:].tolist() == [0.0, 0.0]
     stages = []
     for action in plan(lay):
         obs, *_ = env.step(action)
-        stages.append(int(np.argmax(obs[: 3 * cells])) // cells)
-        if env.state.has_key:
-            assert obs[3 * cells : 4 * cells].sum() == 0.0  # the key left the floor
-        assert obs[-2:].tolist() == [float(env.state.has_key), float(env.state.door_open)]
+        assert obs[: 3 * cells].sum() == 1.0
+        unit = int(np.argmax(obs[: 3 * cells]))
+        stage, cell = divmod(unit, cells)
+        assert (cell % size, cell // size) == env.state.pos
+        assert stage == (2 if env.state.door_open else int(env.state.has_key))
+        stages.append(stage)
+        # only the agent's unit changes: no stage-wide input the policy could key on
+        assert np.array_equal(obs[3 * cells :], layout_part)
     assert stages == sorted(stages) and set(stages) == {0, 1, 2}
 
 
@@ -203,6 +207,14 @@ def test_chain_cannot_be_skipped() -> None:
     assert transition(lay, State(lay.key, True), keydoor.PICKUP)[1] == keydoor.NOTHING_CAPTION
     assert transition(lay, State(lay.start), keydoor.PICKUP)[1] == keydoor.NOTHING_CAPTION
     assert transition(lay, State(lay.start), keydoor.OPEN)[1] == keydoor.NO_DOOR_CAPTION
+    # kicking and searching change nothing
+    assert transition(lay, next_to_door, keydoor.KICK) == (next_to_door, keydoor.KICK_DOOR_CAPTION)
+    assert transition(lay, State(lay.start), keydoor.KICK) == (
+        State(lay.start),
+        keydoor.KICK_CAPTION,
+    )
+    assert transition(lay, opened, keydoor.KICK) == (opened, keydoor.KICK_CAPTION)
+    assert transition(lay, with_key, keydoor.SEARCH) == (with_key, None)
 
 
 def test_silent_steps_have_no_caption_key() -> None:
@@ -233,14 +245,20 @@ def test_noise_captions_come_at_the_configured_rate() -> None:
 
 def test_random_policy_rarely_reaches_the_goal() -> None:
     """A uniformly random policy over 200k steps: the key is common, the door rare, the goal
-    practically never. The exact per-episode probabilities (computed over the env's own
-    transition function) must agree with the measured rates, and the goal probability bounds
-    what a training run that explores at random can hope for: fewer than 0.05 expected goal
-    visits in a 300k-step budget."""
+    practically never.
+
+    The exact per-episode probabilities (computed over the env's own transition function) must
+    agree with the rates measured by playing, and the goal probability bounds what undirected
+    exploration can hope for: fewer than 0.01 expected goal visits in a 300k-step training
+    budget (the exact figure for the default env is 4.1e-7 per 70-step episode, 0.0018 visits
+    per 300k steps). PPO explores somewhat better than a uniform walk (its policy drifts into
+    directed paths), so the budget of the training comparison needs this margin; a single goal
+    visit is enough for PPO to learn the task.
+    """
     env = KeyDoorEnv()
     exact = random_policy_probabilities(env.layout, env.max_steps)
-    assert exact["goal"] * 300_000 / env.max_steps < 0.05
-    assert exact["key"] > 0.05  # the first event is easy to stumble on ...
+    assert exact["goal"] * 300_000 / env.max_steps < 0.01
+    assert exact["key"] > 0.03  # the first event is easy to stumble on ...
     assert exact["door"] < exact["key"] / 10  # ... the second already rare
 
     rng = np.random.default_rng(0)
@@ -320,4 +338,4 @@ def test_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="noise_prob"):
         KeyDoorEnv(noise_prob=1.5)
     with pytest.raises(ValueError, match="invalid action"):
-        transition(keydoor.fixed_layout(9), State((1, 1)), 6)
+        transition(keydoor.fixed_layout(9), State((1, 1)), len(keydoor.ACTION_NAMES))
