@@ -33,12 +33,16 @@ class EnvConfig:
     """Which environment to run and how many copies each env runner steps."""
 
     id: str = _f(
-        "gym:CartPole-v1", help="env spec: gym:<id>, <registered gymnasium id>, nle:<task>"
+        "gym:CartPole-v1",
+        help="env spec: gym:<id>, <plugin or gymnasium id>, module.path:Name, "
+        "pz:module.path:factory, plugin:<name>, nle:<task> (see oni_sys.envs.spec)",
     )
     num_envs: int = _f(16, min=1, help="environments stepped as one batch by each env runner")
     kwargs: dict[str, Any] = _f({}, help="keyword arguments passed to the env constructor")
     captioner: str = _f(
-        "auto", help="auto (nle message for NetHack, info['caption'] otherwise), none"
+        "auto",
+        help="auto (nle for nle: envs, else info:caption), none, nle, info:<key>, obs:<key>, "
+        "module.path:function (see oni_sys.envs.captioners)",
     )
 
 
@@ -57,6 +61,12 @@ class ModelConfig:
     activation: str = _f("tanh", choices=["tanh", "relu", "elu"])
     embedding_dim: int = _f(32, min=1, help="NetHack glyph embedding size")
     crop_size: int = _f(9, min=3, help="NetHack egocentric crop (odd)")
+    action_squash: str = _f(
+        "tanh",
+        choices=["tanh", "clip"],
+        help="Box actions: tanh of the Gaussian sample mapped onto the bounds, or the sample clipped",
+    )
+    log_std_init: float = _f(0.0, help="Box actions: initial log standard deviation")
 
 
 @dataclass
@@ -323,11 +333,15 @@ def _validate_section(cls: type, data: Any, prefix: str, errors: list[str]) -> d
 
 def _cross_checks(cfg: Config, errors: list[str]) -> None:
     """Rules that involve more than one key."""
+    from oni_sys.envs.captioners import check_captioner
     from oni_sys.envs.spec import check_env_spec
 
     err = check_env_spec(cfg.env.id)
     if err:
         errors.append(f"env.id: {err}")
+    err = check_captioner(cfg.env.captioner)
+    if err:
+        errors.append(f"env.captioner: {err}")
     if cfg.algo.num_minibatches > cfg.env.num_envs * cfg.algo.fragments_per_batch:
         errors.append(
             f"algo.num_minibatches: {cfg.algo.num_minibatches} minibatches cannot be cut from a batch "

@@ -8,9 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from oni_sys.actors.env_interface import act, build_slot_env, interface_of, stack_rows
 from oni_sys.config import ConfigError, config_from_dict, parse_overrides
-from oni_sys.envs.spaces import dict_space, num_actions, obs_to_dict
-from oni_sys.envs.spec import make_env
 from oni_sys.models import build_model
 from oni_sys.runtime.run_dir import load_checkpoint
 
@@ -55,38 +54,56 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any
         )
     ckpt = load_checkpoint(run_dir)
     cfg = config_from_dict(ckpt["config"])
-    env = make_env(cfg.env.id, cfg.env.kwargs)
-    space = dict_space(env.observation_space)
-    model = build_model(cfg.model, cfg.env.id, space, num_actions(env.action_space))
+    env = build_slot_env(cfg)
+    decisions = env.reset(seed=opts["seed"])
+    interface = interface_of(env, decisions, cfg.model)
+    dist = interface.dist(cfg.model)
+    model = build_model(cfg.model, cfg.env.id, interface.obs_space, dist)
     model.load_state_dict(ckpt["learner"]["state"]["model"])
     model.eval()
     generator = torch.Generator().manual_seed(opts["seed"])
+    names = interface.slot_names
     returns, lengths, extras = [], [], {}
+    agent_returns: dict[str, list[float]] = {}
     for episode in range(opts["episodes"]):
-        obs, info = env.reset(seed=opts["seed"] + episode)
-        state, first = model.initial_state(1), torch.ones(1, 1, dtype=torch.bool)
-        total, steps, done = 0.0, 0, False
-        while not done and steps < opts["max_steps"]:
-            o = obs_to_dict(obs, env.observation_space)
-            o = {k: torch.from_numpy(np.asarray(v))[None, None] for k, v in o.items()}
-            logits, _, state = model(o, state, first)
-            first = torch.zeros(1, 1, dtype=torch.bool)
-            if opts["deterministic"]:
-                action = int(logits[0, 0].argmax())
-            else:
-                action = int(torch.multinomial(logits[0, 0].softmax(-1), 1, generator=generator))
-            obs, reward, term, trunc, info = env.step(action)
-            total += float(reward)
+        if episode:
+            decisions = env.reset(seed=opts["seed"] + episode)
+        state = model.initial_state(len(names))
+        first = np.ones(len(names), dtype=bool)
+        totals = np.zeros(len(names))
+        acted, finished = set(), set()
+        steps = 0
+        # One episode of every agent; a SlotEnv resets itself at the end, so stop there.
+        while steps < opts["max_steps"] and (not acted or acted - finished):
+            slots = sorted(s for s in decisions if s not in finished)
+            if not slots:
+                break
+            obs = stack_rows([interface.model_obs(*decisions[s]) for s in slots])
+            idx = torch.as_tensor(slots)
+            actions, _, state_out = act(
+                model, dist, obs, state[idx], first[slots], generator, opts["deterministic"]
+            )
+            state[idx], first[slots] = state_out, False
+            acted.update(slots)
+            outcomes, decisions = env.step(
+                {s: dist.to_env(a) for s, a in zip(slots, actions, strict=True)}
+            )
             steps += 1
-            done = term or trunc
-        returns.append(total)
+            for out in outcomes:
+                totals[out.slot] += out.reward
+                if out.terminated or out.truncated:
+                    finished.add(out.slot)
+                    for key, value in out.info.get("episode_extras", {}).items():
+                        extras.setdefault(key, []).append(float(value))
+        for s in sorted(acted):
+            returns.append(float(totals[s]))
+            if len(names) > 1:
+                agent_returns.setdefault(names[s], []).append(float(totals[s]))
         lengths.append(steps)
-        for key, value in info.get("episode_extras", {}).items():
-            extras.setdefault(key, []).append(float(value))
     env.close()
     stats: dict[str, Any] = {
         "checkpoint_env_steps": ckpt["tracker"]["env_steps"],
-        "episodes": len(returns),
+        "episodes": len(lengths),
         "episode_return_mean": float(np.mean(returns)),
         "episode_return_std": float(np.std(returns)),
         "episode_return_min": float(np.min(returns)),
@@ -94,4 +111,5 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any
         "episode_length_mean": float(np.mean(lengths)),
     }
     stats.update({f"{k}_mean": float(np.mean(v)) for k, v in extras.items()})
+    stats.update({f"agent_return/{k}_mean": float(np.mean(v)) for k, v in agent_returns.items()})
     return stats

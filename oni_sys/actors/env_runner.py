@@ -2,6 +2,13 @@
 
 It emits fixed-shape :class:`Fragment` records ``[T, N, ...]`` and knows nothing of Ray: the
 serial runtime calls it directly, the Ray runtime wraps it in an actor.
+
+Each of its ``env.num_envs`` environments is a set of agent slots (:mod:`oni_sys.envs.slots`):
+one for a Gymnasium env, one per agent for PettingZoo. Column ``j`` of a fragment is slot
+``j % S`` of environment ``j // S`` (``S`` slots per env), and every column is an ordinary
+single-agent trajectory. Slots advance at their own pace (a turn-based game asks one agent at a
+time; a finished agent waits for the others): each keeps its own buffer, and a fragment is cut
+when every slot has ``T`` finished steps; steps beyond ``T`` carry over to the next fragment.
 """
 
 from __future__ import annotations
@@ -14,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from oni_sys.actors.env_interface import act, build_slot_env, interface_of, stack_rows
 from oni_sys.config import Config
 from oni_sys.envs.captions import caption_id, normalise_caption
-from oni_sys.envs.spaces import dict_space, num_actions, obs_to_dict
-from oni_sys.envs.spec import make_captioner, make_env
+from oni_sys.envs.spec import make_captioner
 from oni_sys.models import build_model
 
 logger = logging.getLogger(__name__)
@@ -28,6 +35,7 @@ class Fragment:
     """``T`` steps of ``N`` environments, plus what the learner and annotator need from them.
 
     ``obs`` and ``first`` have ``T + 1`` rows: the last row is the observation to bootstrap from.
+    ``actions`` are ``[T, N, *action_shape]`` (int64 for discrete spaces, float32 for Box).
     ``caption_ids[t]`` is the caption of the observation reached by action ``t`` (0: none) and
     ``caption_counts[t]`` how often that caption has been seen in the episode so far, itself
     included. ``new_captions`` holds the texts this runner has not sent before.
@@ -44,7 +52,7 @@ class Fragment:
     caption_ids: np.ndarray
     caption_counts: np.ndarray
     initial_state: np.ndarray
-    policy_version: int
+    policy_version: int  # the oldest weights any step of the fragment was acted with
     runner_index: int
     new_captions: dict[int, str] = field(default_factory=dict)
     episodes: list[dict[str, float]] = field(default_factory=list)
@@ -57,13 +65,83 @@ class Fragment:
 
     @property
     def env_steps(self) -> int:
-        """Environment steps this fragment holds (T x N)."""
-        return int(self.actions.size)
+        """Steps this fragment holds (T x N; with several agents per env, agent steps)."""
+        return int(self.actions.shape[0] * self.actions.shape[1])
 
 
-def stack_obs(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stack per-env observation dicts into one dict of ``[N, ...]`` arrays."""
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+class _SlotBuffers:
+    """Per-slot step records ``[capacity, S_total, ...]``, filled at each slot's own pace."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        capacity: int,
+        obs_example: dict[str, np.ndarray],
+        dist,
+        state_size: int,
+    ):
+        self.num_slots = num_slots
+        self.count = np.zeros(num_slots, np.int64)  # records per slot (the last may be open)
+        self.open = np.zeros(num_slots, bool)  # the slot acted and awaits its outcome
+        self.specs = {k: (v.shape, v.dtype) for k, v in obs_example.items()}
+        self.action_spec = (dist.action_shape, dist.action_dtype)
+        self.state_size = state_size
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        s = self.num_slots
+        new = {
+            "obs": {
+                k: np.zeros((capacity, s, *shape), dtype)
+                for k, (shape, dtype) in self.specs.items()
+            },
+            "first": np.zeros((capacity, s), bool),
+            "actions": np.zeros((capacity, s, *self.action_spec[0]), self.action_spec[1]),
+            "logp": np.zeros((capacity, s), np.float32),
+            "rewards": np.zeros((capacity, s), np.float32),
+            "terminated": np.zeros((capacity, s), bool),
+            "truncated": np.zeros((capacity, s), bool),
+            "boot": np.zeros((capacity, s), np.float32),
+            "cap_ids": np.zeros((capacity, s), np.uint64),
+            "cap_counts": np.zeros((capacity, s), np.int32),
+            "version": np.zeros((capacity, s), np.int64),
+            "state": np.zeros((capacity, s, self.state_size), np.float32),
+        }
+        old = getattr(self, "arrays", None)
+        if old is not None:
+            rows = old["first"].shape[0]
+            for name, arr in new.items():
+                if name == "obs":
+                    for k in arr:
+                        arr[k][:rows] = old["obs"][k]
+                else:
+                    arr[:rows] = old[name]
+        self.arrays = new
+        self.capacity = capacity
+
+    def ensure_row(self, row: int) -> None:
+        """Grow the buffers so that ``row`` exists."""
+        if row >= self.capacity:
+            self._alloc(max(2 * self.capacity, row + 1))
+
+    def take(self, T: int) -> dict:
+        """Remove the first ``T`` records of every slot (and return them, ``[T, S]``)."""
+        a = self.arrays
+        out = {name: (arr[:T].copy() if name != "obs" else None) for name, arr in a.items()}
+        out["obs"] = {k: v[:T].copy() for k, v in a["obs"].items()}
+        rest = self.count - T
+        if rest.any():
+            # Slots that ran ahead keep their extra records, moved to the front.
+            for s in np.flatnonzero(rest):
+                n = int(rest[s])
+                for name, arr in a.items():
+                    if name == "obs":
+                        for v in arr.values():
+                            v[:n, s] = v[T : T + n, s]
+                    else:
+                        arr[:n, s] = arr[T : T + n, s]
+        self.count = rest
+        return out
 
 
 class EnvRunner:
@@ -81,29 +159,42 @@ class EnvRunner:
         self.cfg = cfg
         self.index = runner_index
         n = cfg.env.num_envs
-        self.envs = [make_env(cfg.env.id, cfg.env.kwargs) for _ in range(n)]
-        self.obs_space = dict_space(self.envs[0].observation_space)
-        self.raw_obs_space = self.envs[0].observation_space
-        self.num_actions = num_actions(self.envs[0].action_space)
-        self.captioner = make_captioner(cfg.env.id, cfg.env.captioner)
-        self.model = build_model(cfg.model, cfg.env.id, self.obs_space, self.num_actions)
-        self.model.eval()
-        self.policy_version = 0
+        self.envs = [build_slot_env(cfg) for _ in range(n)]
         base_seed = cfg.seed * 1_000_003 + seed_offset * 7919 + runner_index * 1009
         self.generator = torch.Generator().manual_seed(base_seed)
-        rows = []
-        for i, env in enumerate(self.envs):
-            obs, _ = env.reset(seed=base_seed + i)
-            env.action_space.seed(base_seed + i)
-            rows.append(obs_to_dict(obs, self.raw_obs_space))
-        self.obs = stack_obs(rows)
-        self.first = np.ones(n, dtype=bool)
-        self.state = self.model.initial_state(n)
-        self.episode_return = np.zeros(n, dtype=np.float64)
-        self.episode_length = np.zeros(n, dtype=np.int64)
-        self.episode_captions: list[dict[int, int]] = [{} for _ in range(n)]
+        resets = [env.reset(seed=base_seed + i) for i, env in enumerate(self.envs)]
+        self.interface = interface_of(self.envs[0], resets[0], cfg.model)
+        self.obs_space = self.interface.obs_space
+        self.slot_names = self.interface.slot_names
+        self.slots_per_env = len(self.slot_names)
+        self.num_slots = n * self.slots_per_env
+        self.dist = self.interface.dist(cfg.model)
+        self.captioner = make_captioner(cfg.env.id, cfg.env.captioner)
+        self.model = build_model(cfg.model, cfg.env.id, self.obs_space, self.dist)
+        self.model.eval()
+        self.policy_version = 0
+        # Decisions waiting for an action: global slot -> model observation.
+        self.pending: dict[int, dict[str, np.ndarray]] = {}
+        for i, decisions in enumerate(resets):
+            self._add_decisions(i, decisions)
+        self.next_first = np.ones(self.num_slots, dtype=bool)
+        self.state = self.model.initial_state(self.num_slots)
+        example = next(iter(self.pending.values()))
+        self.buffers = _SlotBuffers(
+            self.num_slots, cfg.algo.rollout + 1, example, self.dist, self.model.state_size
+        )
+        self.episode_return = np.zeros(self.num_slots, dtype=np.float64)
+        self.episode_length = np.zeros(self.num_slots, dtype=np.int64)
+        self.episode_captions: list[dict[int, int]] = [{} for _ in range(self.num_slots)]
         self.sent_captions: set[int] = set()
         self._caption_cache: dict[str, int] = {}
+        self._new_captions: dict[int, str] = {}
+        self._episodes: list[dict[str, float]] = []
+
+    def _add_decisions(self, env_index: int, decisions) -> None:
+        base = env_index * self.slots_per_env
+        for local, (raw, info) in decisions.items():
+            self.pending[base + local] = self.interface.model_obs(raw, info)
 
     # -- weights -------------------------------------------------------------------------------
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
@@ -130,95 +221,139 @@ class EnvRunner:
             self._caption_cache[text] = cid
         return cid, text
 
-    @torch.no_grad()
-    def sample(self) -> Fragment:
-        """Step every env ``algo.rollout`` times and return the fragment."""
-        start = time.perf_counter()
-        T, n = self.cfg.algo.rollout, len(self.envs)
-        obs_buf = {k: np.zeros((T + 1, n, *v.shape[1:]), v.dtype) for k, v in self.obs.items()}
-        first = np.zeros((T + 1, n), dtype=bool)
-        actions = np.zeros((T, n), dtype=np.int64)
-        logp = np.zeros((T, n), dtype=np.float32)
-        rewards = np.zeros((T, n), dtype=np.float32)
-        terminated = np.zeros((T, n), dtype=bool)
-        truncated = np.zeros((T, n), dtype=bool)
-        boot = np.zeros((T, n), dtype=np.float32)
-        cap_ids = np.zeros((T, n), dtype=np.uint64)
-        cap_counts = np.zeros((T, n), dtype=np.int32)
-        initial_state = self.state.numpy().copy()
-        new_captions: dict[int, str] = {}
-        episodes: list[dict[str, float]] = []
-        version = self.policy_version
+    def _ready(self, T: int) -> bool:
+        """Every slot has ``T`` finished records and the observation that follows them."""
+        b = self.buffers
+        finished = b.count - b.open
+        if (finished < T).any():
+            return False
+        waiting = b.count <= T  # no record T yet: the next observation must be pending
+        return all(s in self.pending for s in np.flatnonzero(waiting))
 
-        for t in range(T):
-            for k, v in self.obs.items():
-                obs_buf[k][t] = v
-            first[t] = self.first
-            obs_t = {k: torch.from_numpy(v).unsqueeze(0) for k, v in self.obs.items()}
-            first_t = torch.from_numpy(self.first).unsqueeze(0)
-            logits, _, self.state = self.model(obs_t, self.state, first_t)
-            log_probs = torch.log_softmax(logits[0], dim=-1)
-            act = torch.multinomial(log_probs.exp(), 1, generator=self.generator).squeeze(-1)
-            logp[t] = log_probs.gather(-1, act.unsqueeze(-1)).squeeze(-1).numpy()
-            actions[t] = act.numpy()
-            rows, trunc_rows = [], []
-            for i, env in enumerate(self.envs):
-                o, r, term, trunc, info = env.step(int(actions[t, i]))
-                o = obs_to_dict(o, self.raw_obs_space)
-                rewards[t, i] = r
-                terminated[t, i], truncated[t, i] = term, trunc and not term
-                cid, text = self._caption(o, info)
+    def _step_once(self) -> None:
+        """Act for every pending decision, step the envs, and record what came back."""
+        b, a = self.buffers, self.buffers.arrays
+        slots = np.fromiter(sorted(self.pending), dtype=np.int64)
+        slots_t = torch.from_numpy(slots)
+        rows = b.count[slots]
+        b.ensure_row(int(rows.max()))
+        a = b.arrays
+        obs = stack_rows([self.pending.pop(int(s)) for s in slots])
+        first = self.next_first[slots]
+        state_in = self.state[slots_t]
+        actions, logp, state_out = act(self.model, self.dist, obs, state_in, first, self.generator)
+        for k, v in obs.items():
+            a["obs"][k][rows, slots] = v
+        a["first"][rows, slots] = first
+        a["actions"][rows, slots] = actions
+        a["logp"][rows, slots] = logp
+        a["version"][rows, slots] = self.policy_version
+        # Rows are reused fragment after fragment: clear what only some outcomes write.
+        a["cap_ids"][rows, slots] = 0
+        a["cap_counts"][rows, slots] = 0
+        a["boot"][rows, slots] = 0.0
+        if self.model.state_size:
+            a["state"][rows, slots] = state_in.numpy()
+        self.state[slots_t] = state_out
+        self.next_first[slots] = False
+        b.count[slots] += 1
+        b.open[slots] = True
+
+        per_env: dict[int, dict[int, Any]] = {}
+        S = self.slots_per_env
+        for s, action in zip(slots.tolist(), actions, strict=True):
+            per_env.setdefault(s // S, {})[s % S] = self.dist.to_env(action)
+        truncated_obs: list[tuple[int, dict[str, np.ndarray]]] = []
+        for e, env_actions in per_env.items():
+            outcomes, decisions = self.envs[e].step(env_actions)
+            for out in outcomes:
+                g = e * S + out.slot
+                truncated = out.truncated and not out.terminated
+                row = int(b.count[g]) - 1
+                a["rewards"][row, g] = out.reward
+                a["terminated"][row, g] = out.terminated
+                a["truncated"][row, g] = truncated
+                b.open[g] = False
+                cid, text = self._caption(out.obs, out.info)
                 if cid:
-                    counts = self.episode_captions[i]
+                    counts = self.episode_captions[g]
                     counts[cid] = counts.get(cid, 0) + 1
-                    cap_ids[t, i], cap_counts[t, i] = cid, counts[cid]
+                    a["cap_ids"][row, g], a["cap_counts"][row, g] = cid, counts[cid]
                     if cid not in self.sent_captions:
                         self.sent_captions.add(cid)
-                        new_captions[cid] = normalise_caption(text)
-                self.episode_return[i] += r
-                self.episode_length[i] += 1
-                if term or trunc:
-                    stats = {
-                        "return": float(self.episode_return[i]),
-                        "length": float(self.episode_length[i]),
-                    }
-                    stats.update(info.get("episode_extras", {}))
-                    episodes.append(stats)
-                    self.episode_return[i], self.episode_length[i] = 0.0, 0
-                    self.episode_captions[i] = {}
-                    if truncated[t, i]:
-                        trunc_rows.append((i, o))
-                    o, _ = env.reset()
-                    o = obs_to_dict(o, self.raw_obs_space)
-                rows.append(o)
-            if trunc_rows:
-                # Time-limit truncation is not a real end: bootstrap from the final observation
-                # with the behaviour policy's value (Pardo et al. 2018, "Time Limits in RL").
-                idx = [i for i, _ in trunc_rows]
-                final = stack_obs([o for _, o in trunc_rows])
-                final_t = {k: torch.from_numpy(v).unsqueeze(0) for k, v in final.items()}
+                        self._new_captions[cid] = normalise_caption(text)
+                self.episode_return[g] += out.reward
+                self.episode_length[g] += 1
+                if out.terminated or truncated:
+                    self._end_episode(g, out.info)
+                    if truncated:
+                        truncated_obs.append((g, self.interface.model_obs(out.obs, out.info)))
+            self._add_decisions(e, decisions)
+        if truncated_obs:
+            # Time-limit truncation is not a real end: bootstrap from the final observation
+            # with the behaviour policy's value (Pardo et al. 2018, "Time Limits in RL").
+            idx = [g for g, _ in truncated_obs]
+            final = stack_rows([o for _, o in truncated_obs])
+            final_t = {k: torch.from_numpy(v).unsqueeze(0) for k, v in final.items()}
+            with torch.no_grad():
                 _, v, _ = self.model(
                     final_t, self.state[idx], torch.zeros(1, len(idx), dtype=torch.bool)
                 )
-                boot[t, idx] = v[0].numpy()
-            self.obs = stack_obs(rows)
-            self.first = terminated[t] | truncated[t]
-        for k, v in self.obs.items():
-            obs_buf[k][T] = v
-        first[T] = self.first
+            rows_t = b.count[idx] - 1
+            a["boot"][rows_t, idx] = v[0].numpy()
+
+    def _end_episode(self, g: int, info: dict) -> None:
+        stats = {"return": float(self.episode_return[g]), "length": float(self.episode_length[g])}
+        stats.update(info.get("episode_extras", {}))
+        if self.slots_per_env > 1:
+            stats[f"agent_return/{self.slot_names[g % self.slots_per_env]}"] = stats["return"]
+        self._episodes.append(stats)
+        self.episode_return[g], self.episode_length[g] = 0.0, 0
+        self.episode_captions[g] = {}
+        self.next_first[g] = True
+
+    def sample(self) -> Fragment:
+        """Step until every slot has ``algo.rollout`` steps; return them as one fragment."""
+        start = time.perf_counter()
+        T = self.cfg.algo.rollout
+        while not self._ready(T):
+            if not self.pending:
+                raise RuntimeError(
+                    "no agent is waiting to act but the fragment is incomplete: the environment "
+                    "stopped asking for actions without ending the episode"
+                )
+            self._step_once()
+        b = self.buffers
+        # Row T (the observation to bootstrap from): record T where a slot ran ahead, else the
+        # pending decision. Read it before take() moves the records.
+        ahead = b.count > T
+        obs_last = {k: np.zeros_like(v[0]) for k, v in b.arrays["obs"].items()}
+        first_last = np.zeros(self.num_slots, bool)
+        for s in range(self.num_slots):
+            if ahead[s]:
+                for k, v in b.arrays["obs"].items():
+                    obs_last[k][s] = v[T, s]
+                first_last[s] = b.arrays["first"][T, s]
+            else:
+                for k, v in self.pending[s].items():
+                    obs_last[k][s] = v
+                first_last[s] = self.next_first[s]
+        rec = b.take(T)
+        new_captions, self._new_captions = self._new_captions, {}
+        episodes, self._episodes = self._episodes, []
         return Fragment(
-            obs=obs_buf,
-            first=first,
-            actions=actions,
-            behaviour_logp=logp,
-            rewards=rewards,
-            terminated=terminated,
-            truncated=truncated,
-            bootstrap_values=boot,
-            caption_ids=cap_ids,
-            caption_counts=cap_counts,
-            initial_state=initial_state,
-            policy_version=version,
+            obs={k: np.concatenate([v, obs_last[k][None]]) for k, v in rec["obs"].items()},
+            first=np.concatenate([rec["first"], first_last[None]]),
+            actions=rec["actions"],
+            behaviour_logp=rec["logp"],
+            rewards=rec["rewards"],
+            terminated=rec["terminated"],
+            truncated=rec["truncated"],
+            bootstrap_values=rec["boot"],
+            caption_ids=rec["cap_ids"],
+            caption_counts=rec["cap_counts"],
+            initial_state=rec["state"][0],
+            policy_version=int(rec["version"].min()),
             runner_index=self.index,
             new_captions=new_captions,
             episodes=episodes,

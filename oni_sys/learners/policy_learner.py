@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from oni_sys.actors.env_interface import MASK_KEY, EnvInterface
 from oni_sys.actors.env_runner import Fragment
 from oni_sys.config import Config
 from oni_sys.learners.intrinsic import IntrinsicReward
@@ -47,12 +48,15 @@ def concat_fragments(fragments: list[Fragment]) -> dict[str, Any]:
 class PolicyLearner:
     """Owns the policy, its optimizer and the update counter (the policy version)."""
 
-    def __init__(self, cfg: Config, obs_space, num_actions: int):
+    def __init__(self, cfg: Config, interface: EnvInterface):
         torch.set_num_threads(cfg.runtime.torch_threads)
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.device = pick_device(cfg.runtime.device)
-        self.model = build_model(cfg.model, cfg.env.id, obs_space, num_actions).to(self.device)
+        self.dist = interface.dist(cfg.model)
+        self.model = build_model(cfg.model, cfg.env.id, interface.obs_space, self.dist).to(
+            self.device
+        )
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.algo.lr, eps=cfg.algo.adam_eps
         )
@@ -164,7 +168,8 @@ class PolicyLearner:
         discounts = algo.gamma * (~done).float()
         init_state = torch.as_tensor(batch["initial_state"], device=dev)
         lr = self._set_lr()
-        T, n = actions.shape
+        T, n = actions.shape[:2]
+        mask = obs.get(MASK_KEY)
         sums: dict[str, float] = {}
         steps = 0
         self.model.train()
@@ -172,6 +177,7 @@ class PolicyLearner:
             perm = torch.randperm(n)
             for mb in torch.chunk(perm, algo.num_minibatches):
                 mb_obs = {k: v[:, mb] for k, v in obs.items()}
+                mb_mask = None if mask is None else mask[:T, mb]
                 logits, values, _ = self.model(mb_obs, init_state[mb], first[:, mb])
                 out = appo_loss(
                     logits[:T],
@@ -187,6 +193,7 @@ class PolicyLearner:
                     rho_bar=algo.rho_bar,
                     c_bar=algo.c_bar,
                     normalize_advantages=algo.normalize_advantages,
+                    logp_entropy=lambda p, a, m=mb_mask: self.dist.logp_entropy(p, a, m),
                 )
                 self.optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()

@@ -18,6 +18,7 @@ pi is the target (learner) policy, mu the behaviour (actor) policy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -128,10 +129,14 @@ def appo_loss(
     c_bar: float = 1.0,
     normalize_advantages: bool = True,
     mask: torch.Tensor | None = None,
+    logp_entropy: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    | None = None,
 ) -> APPOLossOutput:
     """APPO loss: PPO clipped surrogate on V-trace advantages, plus value and entropy terms.
 
-    logits [T, B, A] (current policy, with grad, categorical), actions [T, B] int64,
+    logits [T, B, A] (current policy, with grad; categorical unless ``logp_entropy`` is given:
+    then any policy parameters, and ``logp_entropy(logits, actions) -> (logp, entropy)`` reads
+    them), actions [T, B, ...],
     behaviour_logp [T, B] (actor's log mu(a|x)), values [T, B] with grad, bootstrap_value [B]
     (may carry grad; detached here, it only serves as a target). mask [T, B] bool/float selects
     valid entries (None = all) for every mean. The rho_pg_bar of V-trace is set to rho_bar.
@@ -142,7 +147,9 @@ def appo_loss(
     """
     mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
 
-    target_logp, entropy = categorical_logp_entropy(logits, actions)
+    if logp_entropy is None:
+        logp_entropy = categorical_logp_entropy
+    target_logp, entropy = logp_entropy(logits, actions)
     log_ratio = target_logp - behaviour_logp
     ratio = torch.exp(log_ratio)  # pi / mu, with grad through pi
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import gymnasium as gym
 
 from oni_sys.models.base import ActorCritic
+from oni_sys.models.distributions import ActionDist
 
 
 def build_model(
-    model_cfg, env_id: str, obs_space: gym.spaces.Dict, num_actions: int
+    model_cfg, env_id: str, obs_space: gym.spaces.Dict, actions: ActionDist | int
 ) -> ActorCritic:
     """Build the network named by ``model.kind`` (``auto``: NetHack net for ``nle:``, else MLP)."""
     kind = model_cfg.kind
@@ -19,7 +20,7 @@ def build_model(
 
         return NetHackNet(
             obs_space,
-            num_actions,
+            actions,
             hidden_size=model_cfg.hidden_size,
             embedding_dim=model_cfg.embedding_dim,
             crop_size=model_cfg.crop_size,
@@ -28,7 +29,7 @@ def build_model(
 
     return MLPNet(
         obs_space,
-        num_actions,
+        actions,
         hidden_size=model_cfg.hidden_size,
         num_layers=model_cfg.num_layers,
         activation=model_cfg.activation,

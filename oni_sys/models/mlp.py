@@ -1,4 +1,10 @@
-"""Multi-layer perceptron actor-critic for vector observations, optionally recurrent."""
+"""Multi-layer perceptron actor-critic, optionally recurrent, with CNN encoders for images.
+
+Every observation entry except ``"action_mask"`` is an input. Image entries (see
+:mod:`oni_sys.models.encoders`) go through a CNN each, shared by the policy and value towers;
+all other entries are flattened. The features are concatenated, in sorted key order (vectors
+first, then images), and fed to the optional GRU core and the two towers.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,11 @@ import torch
 from torch import nn
 
 from oni_sys.models.base import ActorCritic, unroll_gru
+from oni_sys.models.distributions import ActionDist, as_dist
+from oni_sys.models.encoders import ImageEncoder, image_layout
+
+#: Observation entry holding the action mask: read by the action distribution, not a feature.
+MASK_KEY = "action_mask"
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
 
@@ -20,20 +31,40 @@ def _ortho(layer: nn.Linear, gain: float) -> nn.Linear:
 
 
 class MLPNet(ActorCritic):
-    """Separate policy and value MLPs over the flattened observation (optionally a shared GRU)."""
+    """Separate policy and value MLPs over the observation features (optionally a shared GRU)."""
 
     def __init__(
         self,
         obs_space: gym.spaces.Dict,
-        num_actions: int,
+        actions: ActionDist | int,
         hidden_size: int = 64,
         num_layers: int = 2,
         activation: str = "tanh",
         core: str = "none",
+        image_features: int = 256,
     ):
         super().__init__()
-        self.keys = sorted(obs_space.spaces)
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation {activation!r} is not allowed; use one of {', '.join(_ACTIVATIONS)}"
+            )
+        if core not in ("none", "gru"):
+            raise ValueError(f"core {core!r} is not allowed; use none or gru")
+        keys = sorted(k for k in obs_space.spaces if k != MASK_KEY)
+        if not keys:
+            raise ValueError(
+                f"observation space {obs_space} has no entry for the model besides "
+                f"{MASK_KEY!r}; it needs at least one numeric entry"
+            )
+        self.image_keys = [k for k in keys if image_layout(obs_space[k]) is not None]
+        self.keys = [k for k in keys if k not in self.image_keys]
+        self._vector_ndims = [(k, len(obs_space[k].shape)) for k in self.keys]
+        # One CNN per image entry, shared by the policy and value towers.
+        self.encoders = nn.ModuleList(
+            ImageEncoder(obs_space[k], image_features) for k in self.image_keys
+        )
         in_dim = sum(int(np.prod(obs_space[k].shape)) for k in self.keys)
+        in_dim += image_features * len(self.image_keys)
         act = _ACTIVATIONS[activation]
         self.core = nn.GRUCell(in_dim, hidden_size) if core == "gru" else None
         self.state_size = hidden_size if core == "gru" else 0
@@ -48,11 +79,17 @@ class MLPNet(ActorCritic):
             return nn.Sequential(*layers)
 
         self.policy_body, self.value_body = tower(), tower()
-        self.policy_head = _ortho(nn.Linear(hidden_size, num_actions), 0.01)
+        self.policy_head = as_dist(actions).make_head(hidden_size)
         self.value_head = _ortho(nn.Linear(hidden_size, 1), 1.0)
 
     def forward(self, obs, state, first):
-        x = torch.cat([obs[k].float().flatten(2) for k in self.keys], dim=-1)
+        parts = [
+            obs[k].float().flatten(2) if nd else obs[k].float().unsqueeze(-1)
+            for k, nd in self._vector_ndims
+        ]
+        if self.image_keys:
+            parts += [enc(obs[k]) for k, enc in zip(self.image_keys, self.encoders)]
+        x = torch.cat(parts, dim=-1)
         if self.core is not None:
             x, state = unroll_gru(self.core, x, state, first)
         logits = self.policy_head(self.policy_body(x))

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from oni_sys.models.base import ActorCritic, unroll_gru
+from oni_sys.models.distributions import ActionDist, as_dist
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class NetHackNet(ActorCritic):
     Args:
         obs_space: the env's Dict observation space; needs ``glyphs`` ``[21, 79]`` and
             ``blstats``; ``message`` is encoded when present.
-        num_actions: size of the discrete action space.
+        actions: the action distribution (or the number of discrete actions).
         hidden_size: width of the fused features and of the GRU state.
         embedding_dim: glyph embedding width.
         crop_size: side of the egocentric crop (odd, so the agent sits in the middle).
@@ -95,7 +96,7 @@ class NetHackNet(ActorCritic):
     def __init__(
         self,
         obs_space: gymnasium.spaces.Dict,
-        num_actions: int,
+        actions: ActionDist | int,
         hidden_size: int = 512,
         embedding_dim: int = 32,
         crop_size: int = 9,
@@ -111,7 +112,6 @@ class NetHackNet(ActorCritic):
                 raise ValueError(f"NetHackNet needs {key!r} in the observation space")
 
         self.state_size = hidden_size
-        self.num_actions = num_actions
         self.crop_size = crop_size
         self.map_height, self.map_width = obs_space["glyphs"].shape[-2:]
         self.num_glyphs = _num_glyphs(obs_space["glyphs"])
@@ -166,7 +166,7 @@ class NetHackNet(ActorCritic):
 
         self.fc = nn.Sequential(nn.Linear(features, hidden_size), nn.ELU())
         self.core = nn.GRUCell(hidden_size, hidden_size)
-        self.policy = nn.Linear(hidden_size, num_actions)
+        self.policy = as_dist(actions).make_head(hidden_size)
         self.baseline = nn.Linear(hidden_size, 1)
         # Near-uniform initial policy and unit-scale values, as is usual for PPO/IMPALA heads.
         nn.init.orthogonal_(self.policy.weight, gain=0.01)

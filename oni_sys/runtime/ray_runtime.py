@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from oni_sys.actors.env_interface import EnvInterface, probe_env
 from oni_sys.actors.env_runner import EnvRunner, Fragment
 from oni_sys.config import Config
 from oni_sys.learners.policy_learner import PolicyLearner
@@ -51,8 +52,8 @@ class RunnerActor(EnvRunner):
 class LearnerActor(PolicyLearner):
     """The policy learner, publishing weights together with their version."""
 
-    def __init__(self, cfg: Config, runner_probe: dict[str, Any]):
-        super().__init__(cfg, runner_probe["obs_space"], runner_probe["num_actions"])
+    def __init__(self, cfg: Config, interface: EnvInterface):
+        super().__init__(cfg, interface)
 
     def learn_many(self, *fragments: Fragment) -> dict[str, float]:
         """Learn on fragments passed as separate arguments (Ray resolves each reference)."""
@@ -252,21 +253,6 @@ class RemoteRewardLearner:
         ray.kill(self.actor)
 
 
-def _probe_env(cfg: Config) -> dict[str, Any]:
-    """Observation space and action count, read from one env on the driver."""
-    from oni_sys.envs.spaces import dict_space, num_actions
-    from oni_sys.envs.spec import make_env
-
-    env = make_env(cfg.env.id, cfg.env.kwargs)
-    try:
-        return {
-            "obs_space": dict_space(env.observation_space),
-            "num_actions": num_actions(env.action_space),
-        }
-    finally:
-        env.close()
-
-
 class RayRuntime(Runtime):
     """Env runners and the learner as Ray actors, coordinated by this driver."""
 
@@ -298,7 +284,7 @@ class RayRuntime(Runtime):
         gpus = rt.learner_gpus
         if gpus < 0:
             gpus = 1.0 if torch.cuda.is_available() or _cluster_has_gpu() else 0.0
-        probe = _probe_env(self.cfg)
+        probe = probe_env(self.cfg)
         self.learner = (
             ray.remote(LearnerActor)
             .options(num_cpus=rt.learner_cpus, num_gpus=gpus, max_concurrency=1)

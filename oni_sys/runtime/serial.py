@@ -19,7 +19,7 @@ class SerialRuntime(Runtime):
     def _start_roles(self) -> None:
         offset = self.tracker.updates  # a resumed run plays new episodes, not the old ones again
         self.runner = EnvRunner(self.cfg, runner_index=0, seed_offset=offset)
-        self.learner = PolicyLearner(self.cfg, self.runner.obs_space, self.runner.num_actions)
+        self.learner = PolicyLearner(self.cfg, self.runner.interface)
         if self.checkpoint:
             self.learner.load_state_dict(self.checkpoint["learner"]["state"])
         self.runner.set_weights(self.learner.get_weights(), self.learner.version)

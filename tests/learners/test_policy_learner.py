@@ -37,7 +37,7 @@ def test_learner_replays_runner_logprobs(config, overrides):
     """Recurrent state, episode resets and truncation are unrolled identically on both sides."""
     cfg = load_config(config, ["algo.rollout=64", *overrides])
     runner = EnvRunner(cfg)
-    learner = PolicyLearner(cfg, runner.obs_space, runner.num_actions)
+    learner = PolicyLearner(cfg, runner.interface)
     runner.set_weights(learner.get_weights(), learner.version)
     for _ in range(2):  # the second fragment starts from a carried-over recurrent state
         fragment = runner.sample()
@@ -65,7 +65,7 @@ def test_truncation_bootstraps_and_termination_does_not():
 def test_stale_fragments_are_dropped_and_counted():
     cfg = load_config("configs/cartpole.yaml", ["algo.max_policy_lag=3", "algo.rollout=8"])
     runner = EnvRunner(cfg)
-    learner = PolicyLearner(cfg, runner.obs_space, runner.num_actions)
+    learner = PolicyLearner(cfg, runner.interface)
     stale = runner.sample()  # acted with version 0
     for _ in range(4):
         learner.learn([runner.sample()])

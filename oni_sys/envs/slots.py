@@ -1,0 +1,121 @@
+"""Agent slots: the one interface the env runner steps, whatever the environment.
+
+A :class:`SlotEnv` holds one environment instance with one or more agents, each a *slot*. The
+runner asks it which slots must act (each with its raw observation and info), sends actions
+for exactly those slots, and gets back the outcome of each slot's previous action as soon as
+it is known:
+
+* a single-agent Gymnasium env is one slot that acts every step (:class:`GymSlots`);
+* a PettingZoo Parallel env has one slot per possible agent; every live agent acts every step
+  and agents that are done stop being asked (``oni_sys.envs.pettingzoo_slots``);
+* a PettingZoo AEC (turn-based) env has one slot per agent, and only the agent whose turn it
+  is acts; its previous action's outcome (the reward accumulated since) is reported when its
+  turn comes round again, or when the game ends (``oni_sys.envs.pettingzoo_slots``).
+
+So each slot's experience is an ordinary single-agent trajectory, however the agents
+interleave, and the learner needs no masks. A slot's episode ends with an outcome whose
+``terminated`` or ``truncated`` is set; its next decision starts a new episode. A SlotEnv resets
+itself when its episode is over (for multi-agent envs: when every agent is done) and returns
+the first decisions of the next episode from the same :meth:`SlotEnv.step` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+#: slot index -> (raw observation, info) of a slot that must act now
+Decisions = dict[int, tuple[Any, dict]]
+
+
+@dataclass
+class Outcome:
+    """What became of one slot's last action.
+
+    ``obs``/``info`` are what the slot observed when the outcome was settled (for a finished
+    episode, its final observation: the runner bootstraps a truncated episode from its value
+    and reads the caption from it). ``reward`` is everything the slot earned since it acted.
+    """
+
+    slot: int
+    reward: float
+    terminated: bool
+    truncated: bool
+    obs: Any
+    info: dict = field(default_factory=dict)
+
+
+def copy_obs(obs: Any) -> Any:
+    """A copy of an observation's arrays (dicts and tuples of arrays included)."""
+    if isinstance(obs, dict):
+        return {k: copy_obs(v) for k, v in obs.items()}
+    if isinstance(obs, tuple):
+        return tuple(copy_obs(v) for v in obs)
+    return obs.copy() if isinstance(obs, np.ndarray) else obs
+
+
+class SlotEnv:
+    """Base class; subclasses set the attributes below and implement the three methods."""
+
+    #: one name per slot (agent names for multi-agent envs; ``("agent",)`` for one agent)
+    slot_names: tuple[str, ...] = ("agent",)
+    #: the raw observation and action spaces, the same for every slot
+    observation_space: gym.Space
+    action_space: gym.Space
+
+    def reset(self, seed: int | None = None) -> Decisions:
+        """Start an episode; return the slots that must act first."""
+        raise NotImplementedError
+
+    def step(self, actions: dict[int, Any]) -> tuple[list[Outcome], Decisions]:
+        """Apply the actions of exactly the slots last asked to act.
+
+        Returns the outcomes settled by this step and the slots that must act next (after an
+        episode end: the first decisions of the next episode, which has already been reset).
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the environment."""
+
+
+class GymSlots(SlotEnv):
+    """A single-agent Gymnasium env as one slot that acts every step."""
+
+    def __init__(self, env: gym.Env):
+        self.env = env
+        self.observation_space = env.observation_space
+        self.action_space = env.action_space
+
+    def reset(self, seed: int | None = None) -> Decisions:
+        obs, info = self.env.reset(seed=seed)
+        if seed is not None:
+            self.env.action_space.seed(seed)
+        return {0: (obs, info)}
+
+    def step(self, actions: dict[int, Any]) -> tuple[list[Outcome], Decisions]:
+        obs, reward, terminated, truncated, info = self.env.step(actions[0])
+        # Some envs (NLE among them) report a step limit as termination *and* truncation.
+        truncated = bool(truncated) and not terminated
+        if terminated or truncated:
+            # Some envs (NLE) reuse their observation buffers: keep the final one from reset.
+            outcome = Outcome(0, float(reward), bool(terminated), truncated, copy_obs(obs), info)
+            obs, info = self.env.reset()
+            return [outcome], {0: (obs, info)}
+        outcome = Outcome(0, float(reward), False, False, obs, info)
+        return [outcome], {0: (obs, info)}
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def make_slot_env(env: Any) -> SlotEnv:
+    """Slots for a built env: a Gymnasium env, or a PettingZoo Parallel or AEC env."""
+    if isinstance(env, gym.Env):
+        return GymSlots(env)
+    from oni_sys.envs.pettingzoo_slots import make_slot_env as make_pettingzoo_slots
+
+    return make_pettingzoo_slots(env)
