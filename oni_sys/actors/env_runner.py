@@ -161,8 +161,9 @@ class EnvRunner:
         n = cfg.env.num_envs
         self.envs = [build_slot_env(cfg) for _ in range(n)]
         base_seed = cfg.seed * 1_000_003 + seed_offset * 7919 + runner_index * 1009
+        self.env_seeds = [base_seed + i for i in range(n)]  # env i is reset with env_seeds[i]
         self.generator = torch.Generator().manual_seed(base_seed)
-        resets = [env.reset(seed=base_seed + i) for i, env in enumerate(self.envs)]
+        resets = [env.reset(seed=s) for env, s in zip(self.envs, self.env_seeds, strict=True)]
         self.interface = interface_of(self.envs[0], resets[0], cfg.model)
         self.obs_space = self.interface.obs_space
         self.slot_names = self.interface.slot_names

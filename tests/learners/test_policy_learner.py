@@ -10,16 +10,18 @@ from oni_sys.actors.env_runner import EnvRunner
 from oni_sys.config import load_config
 from oni_sys.envs.captions import caption_id
 from oni_sys.learners.policy_learner import PolicyLearner
-from oni_sys.learners.vtrace import categorical_logp_entropy
 
 
 def _replay_logp(learner: PolicyLearner, fragment) -> np.ndarray:
     obs = {k: torch.as_tensor(v) for k, v in fragment.obs.items()}
     with torch.no_grad():
-        logits, _, _ = learner.model(
+        params, _, _ = learner.model(
             obs, torch.as_tensor(fragment.initial_state), torch.as_tensor(fragment.first)
         )
-        logp, _ = categorical_logp_entropy(logits[:-1], torch.as_tensor(fragment.actions))
+        mask = obs.get("action_mask")
+        logp, _ = learner.dist.logp_entropy(
+            params[:-1], torch.as_tensor(fragment.actions), None if mask is None else mask[:-1]
+        )
     return logp.numpy()
 
 
@@ -30,6 +32,17 @@ def _replay_logp(learner: PolicyLearner, fragment) -> np.ndarray:
         (
             "configs/nethack_score.yaml",
             ["model.hidden_size=64", "env.num_envs=2", "env.kwargs.max_episode_steps=30"],
+        ),
+        # Turn-based: each player's column advances only on its turns and carries its extra
+        # steps and recurrent state over to the next fragment; legal-action masks apply.
+        (
+            "configs/cartpole.yaml",
+            ["env.id=pz:pettingzoo.classic.tictactoe_v3:env", "model.core=gru", "env.num_envs=4"],
+        ),
+        # Box actions (Gaussian log-probs of the unsquashed sample).
+        (
+            "configs/pendulum.yaml",
+            ["model.core=gru", "env.num_envs=4", "env.kwargs.max_episode_steps=30"],
         ),
     ],
 )

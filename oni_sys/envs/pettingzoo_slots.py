@@ -1,0 +1,223 @@
+"""PettingZoo envs as agent slots (see :mod:`oni_sys.envs.slots`).
+
+Every possible agent of the env is a slot, in ``env.possible_agents`` order. One policy serves
+all of them (parameter sharing), so every agent must have the same observation space and the
+same action space.
+
+* :class:`ParallelSlots`: every live agent acts every step; the step settles each acting
+  agent's action (reward, termination and observation of that step). An agent that is done
+  gets its final outcome and leaves ``env.agents``, so it is not asked again until the next
+  episode, which starts (for every slot at once) when ``env.agents`` is empty.
+* :class:`AECSlots`: turn-based; only ``env.agent_selection`` acts. Its previous action is
+  settled when its turn comes round again or when it is done, with the reward ``env.last()``
+  reports then: PettingZoo's cumulative reward, everything the agent earned since it last
+  acted, whichever agents' moves earned it. Done agents are stepped with ``None`` here, as the
+  AEC API requires, and never asked for an action. The episode is over when ``env.agents`` is
+  empty.
+
+What an agent earns before its first action of an episode (another player moved first or, in a
+Parallel env, it joined late) is added to the reward of its first outcome, so the rewards of a
+slot's outcomes over an episode sum to the agent's episode return. An agent that is done before
+it ever acted in an episode gets no outcome (it took no action), so what it earned is not
+reported.
+
+pettingzoo is an optional dependency (``pip install oni-sys[pettingzoo]``); this module imports
+it only in :func:`make_slot_env`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+
+from oni_sys.envs.slots import Decisions, GymSlots, Outcome, SlotEnv, copy_obs
+
+if TYPE_CHECKING:
+    from pettingzoo import AECEnv
+
+
+def _shared_space(env: Any, agents: list, kind: str) -> gym.Space:
+    """``env.<kind>(agent)``, which must be the same for every agent."""
+    space_of = getattr(env, kind)
+    first = agents[0]
+    space = space_of(first)
+    for agent in agents[1:]:
+        other = space_of(agent)
+        if other != space:
+            what = kind.replace("_", " ")
+            raise ValueError(
+                f"{env} gives its agents different {what}s ({first!r}: {space}, {agent!r}: "
+                f"{other}); agents with different spaces are not supported yet, so every agent "
+                f"must have the same {what}."
+            )
+    return space
+
+
+class _PettingZooSlots(SlotEnv):
+    """What both kinds share: slots, spaces and the check that actions match the request."""
+
+    def __init__(self, env: Any):
+        agents = list(env.possible_agents)
+        if not agents:
+            raise ValueError(f"{env} has no possible agents; it needs at least one.")
+        self.env = env
+        self._agents = agents
+        self._slot_of = {agent: slot for slot, agent in enumerate(agents)}
+        self.slot_names = tuple(str(agent) for agent in agents)
+        self.observation_space = _shared_space(env, agents, "observation_space")
+        self.action_space = _shared_space(env, agents, "action_space")
+        self._asked: set[int] = set()  # the slots whose actions the next step takes
+        # per agent: the reward it earned before its first action, for its first outcome
+        self._earned_before_acting: dict[Any, float] = {}
+
+    def _check_actions(self, actions: dict[int, Any]) -> None:
+        if set(actions) != self._asked:
+            raise ValueError(
+                f"step() takes actions for exactly the slots asked to act, "
+                f"{sorted(self._asked)}, but got actions for slots {sorted(actions)}."
+            )
+
+    def _vanished(self, agent: Any) -> RuntimeError:
+        return RuntimeError(
+            f"{self.env} removed agent {agent!r} from env.agents before reporting it terminated "
+            f"or truncated, so its last action cannot be settled; PettingZoo envs must mark an "
+            f"agent done before removing it."
+        )
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class ParallelSlots(_PettingZooSlots):
+    """A PettingZoo Parallel env: every live agent acts every step."""
+
+    def reset(self, seed: int | None = None) -> Decisions:
+        obs, infos = self.env.reset(seed=seed)
+        if seed is not None:
+            self.action_space.seed(seed)
+        self._earned_before_acting = {}
+        if not self.env.agents:
+            raise RuntimeError(f"{self.env}.reset() left no agents in env.agents.")
+        return self._decisions(obs, infos)
+
+    def _decisions(self, obs: dict, infos: dict) -> Decisions:
+        live = self.env.agents  # PettingZoo removes agents from it once they are done
+        self._asked = {self._slot_of[agent] for agent in live}
+        return {self._slot_of[agent]: (obs[agent], infos.get(agent, {})) for agent in live}
+
+    def step(self, actions: dict[int, Any]) -> tuple[list[Outcome], Decisions]:
+        self._check_actions(actions)
+        joint = {self._agents[slot]: action for slot, action in actions.items()}
+        obs, rewards, terminations, truncations, infos = self.env.step(joint)
+        present = set(self.env.agents)
+        outcomes = []
+        for slot in sorted(actions):
+            agent = self._agents[slot]
+            terminated = bool(terminations.get(agent, False))
+            truncated = bool(truncations.get(agent, False)) and not terminated
+            reward = float(rewards.get(agent, 0.0)) + self._earned_before_acting.pop(agent, 0.0)
+            info = infos.get(agent, {})
+            if terminated or truncated:
+                # The env may reuse the buffer when it resets: keep the final observation.
+                final_obs = copy_obs(obs[agent])
+                outcomes.append(Outcome(slot, reward, terminated, truncated, final_obs, dict(info)))
+            elif agent not in present:
+                raise self._vanished(agent)
+            else:
+                outcomes.append(Outcome(slot, reward, False, False, obs[agent], info))
+        for agent, reward in rewards.items():  # agents that joined but have not acted yet
+            if agent not in joint and agent in present:
+                earned = self._earned_before_acting.get(agent, 0.0)
+                self._earned_before_acting[agent] = earned + float(reward)
+        if not self.env.agents:
+            return outcomes, self.reset()
+        return outcomes, self._decisions(obs, infos)
+
+
+class AECSlots(_PettingZooSlots):
+    """A PettingZoo AEC (turn-based) env: only ``env.agent_selection`` acts."""
+
+    def __init__(self, env: AECEnv):
+        super().__init__(env)
+        self._pending: set = set()  # agents whose last action has no outcome yet
+        self._acted: set = set()  # agents that acted in the current episode
+
+    def reset(self, seed: int | None = None) -> Decisions:
+        self.env.reset(seed=seed)
+        if seed is not None:
+            self.action_space.seed(seed)
+        self._new_episode()
+        _, decisions = self._advance()
+        return decisions
+
+    def _new_episode(self) -> None:
+        if not self.env.agents:
+            raise RuntimeError(f"{self.env}.reset() left no agents in env.agents.")
+        self._pending = set()
+        self._acted = set()
+        self._earned_before_acting = {}
+
+    def step(self, actions: dict[int, Any]) -> tuple[list[Outcome], Decisions]:
+        self._check_actions(actions)
+        ((slot, action),) = actions.items()
+        self.env.step(action)
+        self._pending.add(self._agents[slot])
+        self._acted.add(self._agents[slot])
+        return self._advance()
+
+    def _advance(self) -> tuple[list[Outcome], Decisions]:
+        """Settle and step done agents until a live agent must act (resetting at the end)."""
+        outcomes = []
+        while True:
+            if not self.env.agents:
+                if self._pending:
+                    raise self._vanished(next(iter(self._pending)))
+                self.env.reset()
+                self._new_episode()
+            vanished = self._pending.difference(self.env.agents)
+            if vanished:
+                raise self._vanished(next(iter(vanished)))
+            agent = self.env.agent_selection
+            slot = self._slot_of[agent]
+            obs, reward, terminated, truncated, info = self.env.last()
+            reward = float(reward)  # since the agent last acted (since the reset if it has not)
+            terminated = bool(terminated)
+            truncated = bool(truncated) and not terminated
+            if agent in self._pending:
+                self._pending.remove(agent)
+                reward += self._earned_before_acting.pop(agent, 0.0)
+                if terminated or truncated:
+                    # The env may reuse the buffer when it resets: keep the final observation.
+                    final_obs = copy_obs(obs)
+                    outcomes.append(
+                        Outcome(slot, reward, terminated, truncated, final_obs, dict(info))
+                    )
+                else:
+                    outcomes.append(Outcome(slot, reward, False, False, obs, info))
+            elif agent not in self._acted:
+                self._earned_before_acting[agent] = reward
+            if terminated or truncated:
+                self.env.step(None)
+                continue
+            self._asked = {slot}
+            return outcomes, {slot: (obs, info)}
+
+
+def make_slot_env(env: Any) -> SlotEnv:
+    """Slots for a built env: a Gymnasium env, or a PettingZoo Parallel or AEC env."""
+    if isinstance(env, gym.Env):
+        return GymSlots(env)
+    try:
+        from pettingzoo import AECEnv, ParallelEnv
+    except ImportError:
+        AECEnv = ParallelEnv = None
+    if ParallelEnv is not None and isinstance(env, ParallelEnv):
+        return ParallelSlots(env)
+    if AECEnv is not None and isinstance(env, AECEnv):
+        return AECSlots(env)
+    raise TypeError(
+        f"make_slot_env needs a gymnasium.Env, a pettingzoo.ParallelEnv or a pettingzoo.AECEnv, "
+        f"but got a {type(env).__module__}.{type(env).__qualname__}"
+        + ("." if AECEnv is not None else " (and pettingzoo is not installed).")
+    )
