@@ -67,6 +67,11 @@ class ModelConfig:
         help="Box actions: tanh of the Gaussian sample mapped onto the bounds, or the sample clipped",
     )
     log_std_init: float = _f(0.0, help="Box actions: initial log standard deviation")
+    policy_groups: dict[str, Any] = _f(
+        {},
+        help="multi-agent envs: one policy per group, {group: [agent, ...]} covering every "
+        "agent; empty: all agents share one policy",
+    )
 
 
 @dataclass
@@ -348,6 +353,16 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
             f"of {cfg.env.num_envs * cfg.algo.fragments_per_batch} env slices "
             "(env.num_envs x algo.fragments_per_batch); lower it or raise env.num_envs"
         )
+    groups = cfg.model.policy_groups
+    for name, agents in groups.items():
+        if (
+            not isinstance(agents, list)
+            or not agents
+            or not all(isinstance(a, str) for a in agents)
+        ):
+            errors.append(
+                f"model.policy_groups.{name}: expected a non-empty list of agent names, got {agents!r}"
+            )
     if cfg.model.crop_size % 2 == 0:
         errors.append(f"model.crop_size: {cfg.model.crop_size} must be odd so the agent is centred")
     if cfg.annotator.backend in ("openai", "vllm") and not cfg.annotator.model:

@@ -78,7 +78,7 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any
             slots = sorted(s for s in decisions if s not in finished)
             if not slots:
                 break
-            obs = stack_rows([interface.model_obs(*decisions[s]) for s in slots])
+            obs = stack_rows([interface.model_obs(*decisions[s], s) for s in slots])
             idx = torch.as_tensor(slots)
             actions, _, state_out = act(
                 model, dist, obs, state[idx], first[slots], generator, opts["deterministic"]

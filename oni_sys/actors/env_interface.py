@@ -16,6 +16,7 @@ import torch
 from oni_sys.envs.slots import Decisions, SlotEnv, make_slot_env
 from oni_sys.envs.spaces import dict_space, obs_to_dict
 from oni_sys.models.distributions import ActionDist, make_action_dist
+from oni_sys.models.grouped import GROUP_KEY
 
 MASK_KEY = "action_mask"
 
@@ -34,17 +35,22 @@ class EnvInterface:
     action_space: gym.Space
     slot_names: tuple[str, ...]
     mask_from_info: bool = False
+    #: policy group of each slot (``model.policy_groups``), or None when all share one policy
+    slot_groups: tuple[int, ...] | None = None
 
     def dist(self, model_cfg) -> ActionDist:
         """The action distribution for this env's action space."""
         return make_action_dist(self.action_space, model_cfg.action_squash, model_cfg.log_std_init)
 
-    def model_obs(self, raw: Any, info: dict) -> dict[str, np.ndarray]:
-        """One raw observation (and its info) as the model's input dict."""
+    def model_obs(self, raw: Any, info: dict, slot: int = 0) -> dict[str, np.ndarray]:
+        """One raw observation (and its info) of agent slot ``slot`` as the model's input."""
         obs = obs_to_dict(raw, self.raw_obs_space)
-        if self.mask_from_info:
+        if self.mask_from_info or self.slot_groups is not None:
             obs = dict(obs)
+        if self.mask_from_info:
             obs[MASK_KEY] = _mask_vector(info.get(MASK_KEY), self.obs_space[MASK_KEY].shape[0])
+        if self.slot_groups is not None:
+            obs[GROUP_KEY] = np.int64(self.slot_groups[slot])
         return obs
 
 
@@ -76,13 +82,47 @@ def interface_of(env: SlotEnv, decisions: Decisions, model_cfg) -> EnvInterface:
                 "takes no mask; masks work with Discrete and MultiDiscrete actions"
             )
         obs_space = gym.spaces.Dict({**obs_space.spaces, MASK_KEY: gym.spaces.MultiBinary(size)})
+    slot_groups = _slot_groups(tuple(env.slot_names), model_cfg.policy_groups)
+    if slot_groups is not None:
+        obs_space = gym.spaces.Dict(
+            {**obs_space.spaces, GROUP_KEY: gym.spaces.Discrete(len(model_cfg.policy_groups))}
+        )
     return EnvInterface(
         obs_space=obs_space,
         raw_obs_space=env.observation_space,
         action_space=env.action_space,
         slot_names=tuple(env.slot_names),
         mask_from_info=mask_from_info,
+        slot_groups=slot_groups,
     )
+
+
+def _slot_groups(names: tuple[str, ...], groups: dict[str, list[str]]) -> tuple[int, ...] | None:
+    """Group index of every agent slot, checking that the groups cover each agent once."""
+    if not groups:
+        return None
+    from oni_sys.config import ConfigError
+
+    where: dict[str, int] = {}
+    errors = []
+    for g, (group, agents) in enumerate(groups.items()):
+        for agent in agents:
+            if agent not in names:
+                errors.append(
+                    f"model.policy_groups.{group}: {agent!r} is not an agent of this env; "
+                    f"its agents are {', '.join(names)}"
+                )
+            elif agent in where:
+                errors.append(f"model.policy_groups: {agent!r} is in more than one group")
+            where[agent] = g
+    missing = [n for n in names if n not in where]
+    if missing:
+        errors.append(
+            f"model.policy_groups: every agent needs a group; none is given for {', '.join(missing)}"
+        )
+    if errors:
+        raise ConfigError(errors)
+    return tuple(where[n] for n in names)
 
 
 def build_slot_env(cfg) -> SlotEnv:

@@ -195,7 +195,7 @@ class EnvRunner:
     def _add_decisions(self, env_index: int, decisions) -> None:
         base = env_index * self.slots_per_env
         for local, (raw, info) in decisions.items():
-            self.pending[base + local] = self.interface.model_obs(raw, info)
+            self.pending[base + local] = self.interface.model_obs(raw, info, local)
 
     # -- weights -------------------------------------------------------------------------------
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
@@ -288,7 +288,9 @@ class EnvRunner:
                 if out.terminated or truncated:
                     self._end_episode(g, out.info)
                     if truncated:
-                        truncated_obs.append((g, self.interface.model_obs(out.obs, out.info)))
+                        truncated_obs.append(
+                            (g, self.interface.model_obs(out.obs, out.info, out.slot))
+                        )
             self._add_decisions(e, decisions)
         if truncated_obs:
             # Time-limit truncation is not a real end: bootstrap from the final observation

@@ -11,7 +11,17 @@ from oni_sys.models.distributions import ActionDist
 def build_model(
     model_cfg, env_id: str, obs_space: gym.spaces.Dict, actions: ActionDist | int
 ) -> ActorCritic:
-    """Build the network named by ``model.kind`` (``auto``: NetHack net for ``nle:``, else MLP)."""
+    """Build the network named by ``model.kind`` (``auto``: NetHack net for ``nle:``, else MLP).
+
+    With a ``policy_group`` entry in the observation space (``model.policy_groups``), one such
+    network per group, behind :class:`~oni_sys.models.grouped.GroupedPolicy`.
+    """
+    from oni_sys.models.grouped import GROUP_KEY, GroupedPolicy
+
+    if GROUP_KEY in obs_space.spaces:
+        return GroupedPolicy(
+            obs_space, lambda inner: build_model(model_cfg, env_id, inner, actions)
+        )
     kind = model_cfg.kind
     if kind == "auto":
         kind = "nethack" if env_id.startswith("nle:") else "mlp"

@@ -39,6 +39,16 @@ def _replay_logp(learner: PolicyLearner, fragment) -> np.ndarray:
             "configs/cartpole.yaml",
             ["env.id=pz:pettingzoo.classic.tictactoe_v3:env", "model.core=gru", "env.num_envs=4"],
         ),
+        # One policy per player: each column goes through its own group's network.
+        (
+            "configs/cartpole.yaml",
+            [
+                "env.id=pz:pettingzoo.classic.tictactoe_v3:env",
+                "model.core=gru",
+                "env.num_envs=4",
+                "model.policy_groups={x: [player_1], o: [player_2]}",
+            ],
+        ),
         # Box actions (Gaussian log-probs of the unsquashed sample).
         (
             "configs/pendulum.yaml",

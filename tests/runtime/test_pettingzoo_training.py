@@ -66,3 +66,39 @@ def test_turn_based_game_never_plays_an_illegal_move():
     assert min(e["length"] for e in by_agent["player_2"]) >= 2
     assert {e["return"] for e in episodes} <= {-1.0, 0.0, 1.0}
     assert len(by_agent["player_1"]) > 10
+
+
+def test_policy_groups_give_each_group_its_own_network():
+    cfg = load_config(
+        "configs/cartpole.yaml",
+        [TICTACTOE, "env.num_envs=4", "model.policy_groups={x: [player_1], o: [player_2]}"],
+    )
+    runner = EnvRunner(cfg)
+    members = runner.model.members
+    assert len(members) == 2
+    # Make the groups want different cells: each player's moves follow its own network.
+    with torch.no_grad():
+        members[0].policy_head.bias.copy_(torch.tensor([50.0] + [0.0] * 8))  # x: top-left
+        members[1].policy_head.bias.copy_(torch.tensor([0.0] * 8 + [50.0]))  # o: bottom-right
+    f = runner.sample()
+    runner.close()
+    # Each player's first move of a game is its own network's favourite (still free then).
+    starts = [(t, c) for t, c in zip(*np.nonzero(f.first[:-1]), strict=True)]
+    assert len(starts) > 8
+    for t, c in starts:
+        assert f.actions[t, c] == (0 if c % 2 == 0 else 8)  # slot 0 is player_1 (x)
+
+
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        ("{x: [player_1]}", "every agent needs a group; none is given for player_2"),
+        ("{x: [player_1, nobody], o: [player_2]}", "'nobody' is not an agent of this env"),
+        ("{x: [player_1, player_2], o: [player_2]}", "'player_2' is in more than one group"),
+    ],
+)
+def test_bad_policy_groups_are_reported(cli, groups, message):
+    result = cli(
+        "train", "configs/cartpole.yaml", TICTACTOE, f"model.policy_groups={groups}", "name=g"
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-1500:]
