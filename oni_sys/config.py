@@ -336,6 +336,14 @@ def _validate_section(cls: type, data: Any, prefix: str, errors: list[str]) -> d
     return clean
 
 
+def _reward_data(reward: RewardConfig) -> str | None:
+    """Which annotator prompt feeds the reward model: classification, ranking, or None."""
+    kind = reward.member if reward.kind == "ensemble" else reward.kind
+    if kind in ("hashing", "classification"):
+        return "classification"
+    return "ranking" if kind == "ranking" else None
+
+
 def _cross_checks(cfg: Config, errors: list[str]) -> None:
     """Rules that involve more than one key."""
     from oni_sys.envs.captioners import check_captioner
@@ -352,6 +360,15 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
             f"algo.num_minibatches: {cfg.algo.num_minibatches} minibatches cannot be cut from a batch "
             f"of {cfg.env.num_envs * cfg.algo.fragments_per_batch} env slices "
             "(env.num_envs x algo.fragments_per_batch); lower it or raise env.num_envs"
+        )
+    wants = _reward_data(cfg.reward)
+    asks = cfg.annotator.prompt if cfg.annotator.prompt in ("classification", "ranking") else None
+    if wants and asks and wants != asks:
+        data = "pairwise preferences" if wants == "ranking" else "per-caption labels"
+        given = "preferences between captions" if asks == "ranking" else "per-caption labels"
+        errors.append(
+            f"annotator.prompt: reward.kind={cfg.reward.kind} learns from {data}, but "
+            f"annotator.prompt={asks} asks the annotator for {given}; set annotator.prompt={wants}"
         )
     groups = cfg.model.policy_groups
     for name, agents in groups.items():

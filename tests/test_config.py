@@ -115,3 +115,13 @@ def test_oni_configs_are_generated_and_valid(tmp_path):
         cfg = load_config(path)
         assert cfg.reward.c_ext == (0.1 if task == "Score" else 10.0)
         assert cfg.reward.beta == 3.0
+
+
+def test_reward_model_and_annotator_prompt_must_agree(cli):
+    """A ranking model fed per-caption labels would never see a preference (reward 0, silently)."""
+    result = cli("train", "configs/keydoor.yaml", "reward.kind=ranking")
+    assert result.returncode == 2
+    assert "set annotator.prompt=ranking" in result.stderr
+    result = cli("train", "configs/keydoor.yaml", "annotator.prompt=ranking")
+    assert result.returncode == 2
+    assert "reward.kind=hashing learns from per-caption labels" in result.stderr
