@@ -177,30 +177,40 @@ def import_problem(module: str, exc: BaseException) -> str:
     )
 
 
-class _Problem(Exception):
-    """Why a captioner spec cannot be used (one phrase)."""
+class LoadProblem(Exception):
+    """Why a ``module.path:name`` target (or a captioner spec) cannot be used: one phrase."""
 
 
-def _is_python_name(name: str) -> bool:
+_Problem = LoadProblem
+
+
+def is_python_name(name: str) -> bool:
+    """True for a dotted Python name such as ``pkg.module`` or ``Outer.inner``."""
     return bool(name) and all(part.isidentifier() for part in name.split("."))
 
 
-def _load_function(module_name: str, name: str) -> Any:
-    if not _is_python_name(module_name) or not _is_python_name(name):
-        raise _Problem("expected module.path:function with Python names on both sides of ':'")
+def load_attribute(module_name: str, name: str) -> Any:
+    """``module_name`` imported and ``name`` (dotted) looked up in it; raises LoadProblem."""
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001  (any error while importing the module)
-        raise _Problem(import_problem(module_name, exc)) from exc
+        raise LoadProblem(import_problem(module_name, exc)) from exc
     where = module_name
     for part in name.split("."):
         if not hasattr(obj, part):
             names = [n for n in dir(obj) if not n.startswith("_")]
             near = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
-            raise _Problem(f"{where!r} has no attribute {part!r}{hint}")
+            raise LoadProblem(f"{where!r} has no attribute {part!r}{hint}")
         obj = getattr(obj, part)
         where = f"{where}.{part}"
+    return obj
+
+
+def _load_function(module_name: str, name: str) -> Any:
+    if not is_python_name(module_name) or not is_python_name(name):
+        raise _Problem("expected module.path:function with Python names on both sides of ':'")
+    obj = load_attribute(module_name, name)
     if isinstance(obj, type):
         raise _Problem(
             f"{name} is a class; point to a function (or an instance with __call__) that is "

@@ -46,8 +46,11 @@ import oni_sys.envs.keydoor  # noqa: F401  (registers gym:oni_sys/KeyDoor-v0)
 # Re-exported for compatibility: captioners used to live here.
 from oni_sys.envs.captioners import (  # noqa: F401
     Captioner,
+    LoadProblem,
     import_problem,
     info_captioner,
+    is_python_name,
+    load_attribute,
     make_captioner,
 )
 
@@ -104,21 +107,10 @@ def _import(spec: str, module: str) -> Any:
 
 
 def _attribute(spec: str, module_name: str, name: str) -> Any:
-    module = _import(spec, module_name)
-    obj: Any = module
-    for i, part in enumerate(name.split(".")):
-        if not hasattr(obj, part):
-            where = ".".join([module_name, *name.split(".")[:i]])
-            names = [n for n in dir(obj) if not n.startswith("_")]
-            near = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
-            hint = f" (did you mean {', '.join(near)}?)" if near else ""
-            raise _fail(spec, f"{where!r} has no attribute {part!r}{hint}")
-        obj = getattr(obj, part)
-    return obj
-
-
-def _is_python_name(name: str) -> bool:
-    return all(part.isidentifier() for part in name.split("."))
+    try:
+        return load_attribute(module_name, name)
+    except LoadProblem as exc:
+        raise _fail(spec, str(exc)) from exc
 
 
 def _split_target(spec: str, target: str, example: str) -> tuple[str, str]:
@@ -126,9 +118,9 @@ def _split_target(spec: str, target: str, example: str) -> tuple[str, str]:
     module, sep, name = target.partition(":")
     if not sep or not module or not name or ":" in name:
         raise _fail(spec, f"expected exactly one ':' between a module and a name, e.g. {example}")
-    if not _is_python_name(module):
+    if not is_python_name(module):
         raise _fail(spec, f"{module!r} is not a Python module path")
-    if not _is_python_name(name):
+    if not is_python_name(name):
         raise _fail(spec, f"{name!r} is not a Python name")
     return module, name
 
@@ -262,7 +254,7 @@ def _resolve(spec: str) -> tuple[str, Any]:
             )
         return "plugin", _load_plugin(spec, plugins[rest])
     if sep:
-        if rest and ":" not in rest and not _is_python_name(rest):
+        if rest and ":" not in rest and not is_python_name(rest):
             # Gymnasium's own module:EnvId form without the gym: prefix.
             _check_gym(spec, spec)
             return "gym", spec
