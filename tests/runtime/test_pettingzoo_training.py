@@ -9,6 +9,7 @@ import torch
 
 from oni_sys.actors.env_runner import EnvRunner
 from oni_sys.config import load_config
+from oni_sys.evaluate import evaluate
 
 TICTACTOE = "env.id=pz:pettingzoo.classic.tictactoe_v3:env"
 
@@ -25,7 +26,7 @@ def test_cooperative_agents_improve_with_a_shared_policy(train):
 
 
 def test_zero_sum_game_trains_on_ray_with_per_agent_returns(train):
-    _, _, rows = train(
+    _, run_dir, rows = train(
         "configs/cartpole.yaml",
         "env.id=pz:pettingzoo.classic.rps_v2:parallel_env",
         "env.num_envs=4",
@@ -40,6 +41,12 @@ def test_zero_sum_game_trains_on_ray_with_per_agent_returns(train):
     # wins the other loses.
     assert last["agent_return/player_0_mean"] == pytest.approx(-last["agent_return/player_1_mean"])
     assert last["episode_length_mean"] == 15  # rps_v2 plays 15 rounds
+    # Evaluation plays whole games of every agent and reports each agent's return.
+    stats = evaluate(run_dir, ["episodes=4"])
+    assert stats["episodes"] == 4 and stats["episode_length_mean"] == 15
+    assert stats["agent_return/player_0_mean"] == pytest.approx(
+        -stats["agent_return/player_1_mean"]
+    )
 
 
 def test_turn_based_game_never_plays_an_illegal_move():
