@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 #: bumped when the way answers become labels changes (part of the annotator version)
 PARSER_VERSION = "choice-logprob-v1"
-#: ranking: comparisons asked for each new caption
+#: ranking: comparisons asked for each new caption, each of them against that caption
 PAIRS_PER_CAPTION = 4
 
 
@@ -154,8 +154,10 @@ class AnnotationService:
         self._published: list[tuple[int, int, float]] = []  # (caption id, label, probability)
         self._published_prefs: list[tuple[int, str, int, str, float]] = []
         self._pair_pool: dict[int, int] = {}  # ranking: caption id -> times seen
-        self._pair_budget = 0
-        self._asked_pairs: set[tuple[int, int]] = set()
+        # ranking: new captions still owed comparisons, oldest first, and how many each is owed
+        self._pair_anchors: deque[list[int]] = deque()
+        self._pair_budget = 0  # comparisons owed in total (the ranking queue)
+        self._asked_pairs: set[tuple[int, int]] = set()  # unordered: (smaller id, larger id)
         self._pairs_in_flight = 0
         # Answers not yet committed to the store, by id: until the flush commits them they are
         # the only record that the question was answered, so submit() consults them too.
@@ -372,27 +374,49 @@ class AnnotationService:
         with self._lock:
             self.stats.submitted_captions += len(texts)
             for cid in texts:
-                self._pair_pool.setdefault(int(cid), 0)
+                cid = int(cid)
+                if cid in self._pair_pool:
+                    continue  # another runner sent it first: it already has its comparisons
+                self._pair_pool[cid] = 0
+                # A new caption is compared against captions already in the pool when its turn
+                # comes (so captions that arrived after it may be among them). The first caption
+                # has nobody to meet yet; the captions after it will be compared with it.
+                if len(self._pair_pool) > 1:
+                    self._pair_anchors.append([cid, PAIRS_PER_CAPTION])
+                    self._pair_budget += PAIRS_PER_CAPTION
             for cid, n in counts.items():
                 if int(cid) in self._pair_pool:
                     self._pair_pool[int(cid)] += n
-            # Every new caption buys a few comparisons against the captions seen so far.
-            self._pair_budget += PAIRS_PER_CAPTION * len(texts)
 
     def _next_pair(self) -> tuple[int, int] | None:
-        """Two distinct captions not compared yet, drawn in proportion to how often each was seen.
+        """The next comparison: the oldest new caption still owed one, against a pool caption it
+        has not met yet, drawn in proportion to how often each was seen (what the policy meets).
 
-        Lock held.
+        Pairing every comparison with the new caption matters: drawing both sides by frequency
+        almost never picks a rare new caption (on KeyDoor the door and goal captions, the ones
+        that carry the signal, were never compared in 3 runs of 150k steps). Lock held.
         """
-        pool = list(self._pair_pool)
-        if len(pool) < 2:
-            return None
-        weights = [self._pair_pool[c] + 1 for c in pool]
-        for _ in range(20):  # a few draws; a saturated pool simply asks nothing new
-            a, b = self._rng.choices(pool, weights, k=2)
-            if a != b and (a, b) not in self._asked_pairs:
-                self._asked_pairs.add((a, b))
-                return a, b
+        while self._pair_anchors:
+            anchor = self._pair_anchors[0]
+            cid = anchor[0]
+            rivals = [
+                c
+                for c in self._pair_pool
+                if c != cid and (min(c, cid), max(c, cid)) not in self._asked_pairs
+            ]
+            if not rivals:  # it has met every caption there is: nothing left to ask for it
+                self._pair_budget -= anchor[1]
+                self._pair_anchors.popleft()
+                continue
+            weights = [self._pair_pool[c] + 1 for c in rivals]
+            rival = self._rng.choices(rivals, weights, k=1)[0]
+            self._asked_pairs.add((min(cid, rival), max(cid, rival)))
+            anchor[1] -= 1
+            self._pair_budget -= 1
+            if anchor[1] == 0:
+                self._pair_anchors.popleft()
+            # Which caption is shown first is random (an LLM has a position bias).
+            return (cid, rival) if self._rng.random() < 0.5 else (rival, cid)
         return None
 
     # -- the loop ------------------------------------------------------------------------------
@@ -453,13 +477,9 @@ class AnnotationService:
     def _next_job(self):
         if self.ranking:
             with self._lock:
-                if self._pair_budget <= 0:
-                    return None
                 pair = self._next_pair()
                 if pair is None:
-                    self._pair_budget = 0
                     return None
-                self._pair_budget -= 1
                 self._pairs_in_flight += 1
             return self._ask_pair(*pair)
         item = self._pop_question()

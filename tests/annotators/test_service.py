@@ -274,3 +274,28 @@ def test_llm_server_killed_and_restarted(tmp_path, llamacpp_server):
         after = s.get_labels(version)
     assert set(after) >= set(stored_before) and set(after) >= set(texts)
     assert all(after[cid].status == LABELLED for cid in texts)
+
+
+def test_ranking_compares_each_new_caption_even_when_it_is_rare(tmp_path):
+    """The rare caption that carries the signal (a kill among walls and sounds) must be compared:
+    each new caption's comparisons are against it, not two captions drawn by frequency."""
+    from oni_sys.annotators.service import PAIRS_PER_CAPTION
+
+    store = tmp_path / "l.sqlite"
+    service = AnnotationService(_cfg(prompt="ranking"), store)
+    common = _texts(*(f"You hear noise number {i}." for i in range(12)), "It's a wall.")
+    service.submit(common, dict.fromkeys(common, 1000))
+    assert service.wait_idle(30)
+    kill = caption_id("You kill the newt!")
+    service.submit({kill: "You kill the newt!"}, {kill: 1})
+    assert service.wait_idle(30)
+    version = service.version
+    service.close()
+    with AnnotationStore(store) as s:
+        prefs = s.get_preferences(version)
+    unordered = [frozenset((p.caption_a, p.caption_b)) for p in prefs]
+    assert len(set(unordered)) == len(prefs)  # no pair asked twice, in either order
+    with_kill = [p for p in prefs if kill in (p.caption_a, p.caption_b)]
+    assert len(with_kill) == PAIRS_PER_CAPTION
+    for p in with_kill:  # the rules prefer the kill to every common caption
+        assert p.preference == (1.0 if p.caption_a == kill else 0.0)
