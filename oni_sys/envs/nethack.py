@@ -78,7 +78,7 @@ def _import_nle() -> Any:
     return nethack
 
 
-class NetHackStats(gymnasium.Wrapper):
+class NetHackStats(gymnasium.Wrapper, gymnasium.utils.RecordConstructorArgs):
     """Put ``info["episode_extras"] = {"score", "depth"}`` on every reset and step.
 
     The values come from ``blstats``. When a game ends NLE may hand back zeroed ``blstats``,
@@ -90,7 +90,8 @@ class NetHackStats(gymnasium.Wrapper):
     """
 
     def __init__(self, env: gymnasium.Env) -> None:
-        super().__init__(env)
+        gymnasium.utils.RecordConstructorArgs.__init__(self)
+        gymnasium.Wrapper.__init__(self, env)
         spaces = getattr(env.observation_space, "spaces", {})
         if "blstats" not in spaces:
             raise ValueError(
@@ -140,10 +141,13 @@ class NetHackStats(gymnasium.Wrapper):
         """Reset the env and start tracking a new episode.
 
         A ``seed`` also seeds NetHack's own RNGs for this episode: NLE's ``reset(seed=...)``
-        only seeds gymnasium's ``np_random`` and leaves the game itself random.
+        only seeds gymnasium's ``np_random`` and leaves the game itself random. ``options`` may
+        be any dict (NLE 1.3.0 itself raises KeyError unless it holds ``wizkit_items``).
         """
         if seed is not None:
             self._seed_nethack(seed)
+        if options is not None:
+            options = {"wizkit_items": None, **options}
         obs, info = self.env.reset(seed=seed, options=options)
         self._score = 0.0
         self._depth = 0.0

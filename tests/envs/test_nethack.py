@@ -187,3 +187,19 @@ def test_nle_task_extras_at_game_end_report_last_live_values() -> None:
         assert info["episode_extras"]["score"] == float(live[nethack.NLE_BL_SCORE])
     finally:
         env.close()
+
+
+@pytest.mark.parametrize(
+    "task, kwargs",
+    [("Score", {}), ("Oracle", {"extended_actions": True}), ("Gold", {})],
+)
+def test_nethack_envs_pass_gymnasiums_env_checker(task, kwargs):
+    """Gymnasium's own checker on what ``nle:<task>`` builds (our wrapper included): spaces,
+    seeded determinism, ``reset(options={})`` (which NLE 1.3.0 alone fails) and re-creation."""
+    from gymnasium.utils.env_checker import check_env
+
+    env = make_nethack_env(task, **kwargs)
+    try:
+        check_env(env, skip_render_check=True)
+    finally:
+        env.close()
