@@ -14,11 +14,9 @@ import numpy as np
 import torch
 
 from oni_sys.envs.slots import Decisions, SlotEnv, make_slot_env
-from oni_sys.envs.spaces import dict_space, obs_to_dict
+from oni_sys.envs.spaces import MASK_KEY, dict_space, obs_to_dict
 from oni_sys.models.distributions import ActionDist, make_action_dist
 from oni_sys.models.grouped import GROUP_KEY
-
-MASK_KEY = "action_mask"
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+#: Observation entry holding the action mask: read by the action distribution, not a feature.
 MASK_KEY = "action_mask"
 
 _SUPPORTED = "Box, Discrete, MultiDiscrete, MultiBinary, Text, and Dict or Tuple of these"
@@ -50,13 +51,6 @@ def obs_to_dict(obs: Any, space: gym.Space) -> dict[str, np.ndarray]:
     if entry is None or entry[0] is not space:
         entry = _converter(space)
     return entry[2](obs)
-
-
-def num_actions(space: gym.Space) -> int:
-    """Number of discrete actions (other action spaces arrive with issue 5)."""
-    if not isinstance(space, gym.spaces.Discrete):
-        raise TypeError(f"action space {space} is not supported yet; only Discrete actions are")
-    return int(space.n)
 
 
 def _converter(space: gym.Space) -> tuple[gym.Space, gym.spaces.Dict, Callable[[Any], dict]]:

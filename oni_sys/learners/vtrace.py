@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from oni_sys.models.distributions import categorical_logp_entropy
 
 
 @dataclass
@@ -76,24 +77,6 @@ def vtrace(
     vs_tp1 = torch.cat([vs[1:], bootstrap_value.unsqueeze(0)], dim=0)
     pg_advantages = pg_rhos * (rewards + discounts * vs_tp1 - values)
     return VTraceReturns(vs=vs, pg_advantages=pg_advantages)
-
-
-def categorical_logp_entropy(
-    logits: torch.Tensor, actions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(a|x) and entropy of a categorical over the last axis of `logits`.
-
-    logits [..., A], actions [...] int64 -> (logp [...], entropy [...]).
-    Logits of -inf (masked actions) are allowed.
-    """
-    log_probs = F.log_softmax(logits, dim=-1)
-    logp = log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-    probs = log_probs.exp()
-    # 0 * log 0 = 0 for masked actions; zero log_probs first so neither the value nor the
-    # gradient of the product sees -inf (a where() on the product alone still yields NaN grads).
-    safe_log_probs = torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
-    entropy = -(probs * safe_log_probs).sum(-1)
-    return logp, entropy
 
 
 @dataclass

@@ -12,6 +12,14 @@ import torch
 from torch import nn
 
 
+def ortho_init(layer: nn.Linear, gain: float) -> nn.Linear:
+    """Orthogonal weights, zero bias: the standard PPO init (Engstrom et al. 2020); policy heads
+    use a small gain."""
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class ActorCritic(nn.Module):
     """Base class: a policy head (action logits) and a value head over a shared body."""
 

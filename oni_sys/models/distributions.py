@@ -29,14 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oni_sys.models.base import ortho_init
+
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-
-
-def _ortho(layer: nn.Linear, gain: float) -> nn.Linear:
-    # Small-gain orthogonal init of policy heads: the standard PPO recipe (Engstrom et al. 2020).
-    nn.init.orthogonal_(layer.weight, gain)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 def _apply_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -48,14 +43,21 @@ def _apply_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return logits.masked_fill(~mask, float("-inf"))
 
 
-def _categorical(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def categorical_logp_entropy(
+    logits: torch.Tensor, actions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(a|x) and entropy of a categorical over the last axis of ``logits``.
+
+    logits [..., A], actions [...] int64 -> (logp [...], entropy [...]).
+    Logits of -inf (masked actions) are allowed.
+    """
     log_probs = F.log_softmax(logits, dim=-1)
     logp = log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
     probs = log_probs.exp()
-    # 0 * log 0 = 0 for masked actions: zero the -inf log-probs first, so neither the value nor
-    # the gradient of the product sees -inf.
-    safe = torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
-    return logp, -(probs * safe).sum(-1)
+    # 0 * log 0 = 0 for masked actions; zero log_probs first so neither the value nor the
+    # gradient of the product sees -inf (a where() on the product alone still yields NaN grads).
+    safe_log_probs = torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
+    return logp, -(probs * safe_log_probs).sum(-1)
 
 
 class ActionDist:
@@ -71,7 +73,7 @@ class ActionDist:
 
     def make_head(self, in_dim: int) -> nn.Module:
         """The policy head: features ``[..., in_dim]`` -> params ``[..., param_size]``."""
-        return _ortho(nn.Linear(in_dim, self.param_size), 0.01)
+        return ortho_init(nn.Linear(in_dim, self.param_size), 0.01)
 
     def sample(
         self, params: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator
@@ -110,7 +112,7 @@ class CategoricalDist(ActionDist):
         return _apply_mask(params, mask).argmax(-1)
 
     def logp_entropy(self, params, actions, mask=None):
-        return _categorical(_apply_mask(params, mask), actions)
+        return categorical_logp_entropy(_apply_mask(params, mask), actions)
 
     def to_env(self, action):
         return int(action) + self.start
@@ -152,7 +154,7 @@ class MultiCategoricalDist(ActionDist):
         logp, ent = 0.0, 0.0
         parts = zip(self._split(params), self._split(mask), strict=True)
         for i, (p, m) in enumerate(parts):
-            lp, e = _categorical(_apply_mask(p, m), actions[..., i])
+            lp, e = categorical_logp_entropy(_apply_mask(p, m), actions[..., i])
             logp, ent = logp + lp, ent + e
         return logp, ent
 
@@ -165,7 +167,7 @@ class _GaussianHead(nn.Module):
 
     def __init__(self, in_dim: int, dim: int, log_std_init: float):
         super().__init__()
-        self.mean = _ortho(nn.Linear(in_dim, dim), 0.01)
+        self.mean = ortho_init(nn.Linear(in_dim, dim), 0.01)
         self.log_std = nn.Parameter(torch.full((dim,), float(log_std_init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

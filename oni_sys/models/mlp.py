@@ -13,21 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from oni_sys.models.base import ActorCritic, unroll_gru
+from oni_sys.envs.spaces import MASK_KEY
+from oni_sys.models.base import ActorCritic, ortho_init, unroll_gru
 from oni_sys.models.distributions import ActionDist, as_dist
 from oni_sys.models.encoders import ImageEncoder, image_layout
 
-#: Observation entry holding the action mask: read by the action distribution, not a feature.
-MASK_KEY = "action_mask"
-
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
-
-
-def _ortho(layer: nn.Linear, gain: float) -> nn.Linear:
-    # Orthogonal init with small policy-head gain: the standard PPO recipe (Engstrom et al. 2020).
-    nn.init.orthogonal_(layer.weight, gain)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 class MLPNet(ActorCritic):
@@ -74,13 +65,13 @@ class MLPNet(ActorCritic):
             layers: list[nn.Module] = []
             width = body_in
             for _ in range(num_layers):
-                layers += [_ortho(nn.Linear(width, hidden_size), np.sqrt(2)), act()]
+                layers += [ortho_init(nn.Linear(width, hidden_size), np.sqrt(2)), act()]
                 width = hidden_size
             return nn.Sequential(*layers)
 
         self.policy_body, self.value_body = tower(), tower()
         self.policy_head = as_dist(actions).make_head(hidden_size)
-        self.value_head = _ortho(nn.Linear(hidden_size, 1), 1.0)
+        self.value_head = ortho_init(nn.Linear(hidden_size, 1), 1.0)
 
     def forward(self, obs, state, first):
         parts = [

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from oni_sys.actors.env_interface import EnvInterface, probe_env
+from oni_sys.actors.env_interface import probe_env
 from oni_sys.actors.env_runner import EnvRunner, Fragment
 from oni_sys.config import Config
 from oni_sys.learners.policy_learner import PolicyLearner
@@ -51,9 +51,6 @@ class RunnerActor(EnvRunner):
 
 class LearnerActor(PolicyLearner):
     """The policy learner, publishing weights together with their version."""
-
-    def __init__(self, cfg: Config, interface: EnvInterface):
-        super().__init__(cfg, interface)
 
     def learn_many(self, *fragments: Fragment) -> dict[str, float]:
         """Learn on fragments passed as separate arguments (Ray resolves each reference)."""
