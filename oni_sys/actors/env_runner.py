@@ -69,6 +69,11 @@ class Fragment:
         return int(self.actions.shape[0] * self.actions.shape[1])
 
 
+def _columns(arrays: dict) -> list[np.ndarray]:
+    """Every buffer array of :class:`_SlotBuffers`, observation entries included, in one order."""
+    return [*arrays["obs"].values(), *(v for k, v in arrays.items() if k != "obs")]
+
+
 class _SlotBuffers:
     """Per-slot step records ``[capacity, S_total, ...]``, filled at each slot's own pace."""
 
@@ -109,13 +114,8 @@ class _SlotBuffers:
         }
         old = getattr(self, "arrays", None)
         if old is not None:
-            rows = old["first"].shape[0]
-            for name, arr in new.items():
-                if name == "obs":
-                    for k in arr:
-                        arr[k][:rows] = old["obs"][k]
-                else:
-                    arr[:rows] = old[name]
+            for new_arr, old_arr in zip(_columns(new), _columns(old), strict=True):
+                new_arr[: self.capacity] = old_arr
         self.arrays = new
         self.capacity = capacity
 
@@ -127,19 +127,14 @@ class _SlotBuffers:
     def take(self, T: int) -> dict:
         """Remove the first ``T`` records of every slot (and return them, ``[T, S]``)."""
         a = self.arrays
-        out = {name: (arr[:T].copy() if name != "obs" else None) for name, arr in a.items()}
+        out = {name: arr[:T].copy() for name, arr in a.items() if name != "obs"}
         out["obs"] = {k: v[:T].copy() for k, v in a["obs"].items()}
         rest = self.count - T
-        if rest.any():
-            # Slots that ran ahead keep their extra records, moved to the front.
-            for s in np.flatnonzero(rest):
-                n = int(rest[s])
-                for name, arr in a.items():
-                    if name == "obs":
-                        for v in arr.values():
-                            v[:n, s] = v[T : T + n, s]
-                    else:
-                        arr[:n, s] = arr[T : T + n, s]
+        # Slots that ran ahead keep their extra records, moved to the front.
+        for s in np.flatnonzero(rest):
+            n = int(rest[s])
+            for arr in _columns(a):
+                arr[:n, s] = arr[T : T + n, s]
         self.count = rest
         return out
 
@@ -233,7 +228,7 @@ class EnvRunner:
 
     def _step_once(self) -> None:
         """Act for every pending decision, step the envs, and record what came back."""
-        b, a = self.buffers, self.buffers.arrays
+        b = self.buffers
         slots = np.fromiter(sorted(self.pending), dtype=np.int64)
         slots_t = torch.from_numpy(slots)
         rows = b.count[slots]
@@ -269,11 +264,10 @@ class EnvRunner:
             outcomes, decisions = self.envs[e].step(env_actions)
             for out in outcomes:
                 g = e * S + out.slot
-                truncated = out.truncated and not out.terminated
                 row = int(b.count[g]) - 1
                 a["rewards"][row, g] = out.reward
                 a["terminated"][row, g] = out.terminated
-                a["truncated"][row, g] = truncated
+                a["truncated"][row, g] = out.truncated
                 b.open[g] = False
                 cid, text = self._caption(out.obs, out.info)
                 if cid:
@@ -285,9 +279,9 @@ class EnvRunner:
                         self._new_captions[cid] = normalise_caption(text)
                 self.episode_return[g] += out.reward
                 self.episode_length[g] += 1
-                if out.terminated or truncated:
+                if out.terminated or out.truncated:
                     self._end_episode(g, out.info)
-                    if truncated:
+                    if out.truncated:
                         truncated_obs.append(
                             (g, self.interface.model_obs(out.obs, out.info, out.slot))
                         )

@@ -21,17 +21,18 @@ slot's outcomes over an episode sum to the agent's episode return. An agent that
 it ever acted in an episode gets no outcome (it took no action), so what it earned is not
 reported.
 
-pettingzoo is an optional dependency (``pip install oni-sys[pettingzoo]``); this module imports
-it only in :func:`make_slot_env`.
+pettingzoo is an optional dependency (``pip install oni-sys[pettingzoo]``); this module does not
+import it (:func:`make_slot_env` tells env kinds apart with :func:`oni_sys.envs.spec.env_kind`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 
-from oni_sys.envs.slots import Decisions, GymSlots, Outcome, SlotEnv, copy_obs
+from oni_sys.envs.slots import Decisions, GymSlots, Outcome, SlotEnv
 
 if TYPE_CHECKING:
     from pettingzoo import AECEnv
@@ -114,18 +115,18 @@ class ParallelSlots(_PettingZooSlots):
         outcomes = []
         for slot in sorted(actions):
             agent = self._agents[slot]
-            terminated = bool(terminations.get(agent, False))
-            truncated = bool(truncations.get(agent, False)) and not terminated
             reward = float(rewards.get(agent, 0.0)) + self._earned_before_acting.pop(agent, 0.0)
-            info = infos.get(agent, {})
-            if terminated or truncated:
-                # The env may reuse the buffer when it resets: keep the final observation.
-                final_obs = copy_obs(obs[agent])
-                outcomes.append(Outcome(slot, reward, terminated, truncated, final_obs, dict(info)))
-            elif agent not in present:
+            outcome = Outcome(
+                slot,
+                reward,
+                terminations.get(agent, False),
+                truncations.get(agent, False),
+                obs[agent],
+                infos.get(agent, {}),
+            )
+            if not (outcome.terminated or outcome.truncated) and agent not in present:
                 raise self._vanished(agent)
-            else:
-                outcomes.append(Outcome(slot, reward, False, False, obs[agent], info))
+            outcomes.append(outcome)
         for agent, reward in rewards.items():  # agents that joined but have not acted yet
             if agent not in joint and agent in present:
                 earned = self._earned_before_acting.get(agent, 0.0)
@@ -182,19 +183,10 @@ class AECSlots(_PettingZooSlots):
             slot = self._slot_of[agent]
             obs, reward, terminated, truncated, info = self.env.last()
             reward = float(reward)  # since the agent last acted (since the reset if it has not)
-            terminated = bool(terminated)
-            truncated = bool(truncated) and not terminated
             if agent in self._pending:
                 self._pending.remove(agent)
                 reward += self._earned_before_acting.pop(agent, 0.0)
-                if terminated or truncated:
-                    # The env may reuse the buffer when it resets: keep the final observation.
-                    final_obs = copy_obs(obs)
-                    outcomes.append(
-                        Outcome(slot, reward, terminated, truncated, final_obs, dict(info))
-                    )
-                else:
-                    outcomes.append(Outcome(slot, reward, False, False, obs, info))
+                outcomes.append(Outcome(slot, reward, terminated, truncated, obs, info))
             elif agent not in self._acted:
                 self._earned_before_acting[agent] = reward
             if terminated or truncated:
@@ -206,18 +198,15 @@ class AECSlots(_PettingZooSlots):
 
 def make_slot_env(env: Any) -> SlotEnv:
     """Slots for a built env: a Gymnasium env, or a PettingZoo Parallel or AEC env."""
-    if isinstance(env, gym.Env):
-        return GymSlots(env)
+    from oni_sys.envs.spec import env_kind
+
     try:
-        from pettingzoo import AECEnv, ParallelEnv
-    except ImportError:
-        AECEnv = ParallelEnv = None
-    if ParallelEnv is not None and isinstance(env, ParallelEnv):
-        return ParallelSlots(env)
-    if AECEnv is not None and isinstance(env, AECEnv):
-        return AECSlots(env)
-    raise TypeError(
-        f"make_slot_env needs a gymnasium.Env, a pettingzoo.ParallelEnv or a pettingzoo.AECEnv, "
-        f"but got a {type(env).__module__}.{type(env).__qualname__}"
-        + ("." if AECEnv is not None else " (and pettingzoo is not installed).")
-    )
+        kind = env_kind(env)
+    except TypeError:
+        missing = importlib.util.find_spec("pettingzoo") is None
+        raise TypeError(
+            "make_slot_env needs a gymnasium.Env, a pettingzoo.ParallelEnv or a "
+            f"pettingzoo.AECEnv, but got a {type(env).__module__}.{type(env).__qualname__}"
+            + (" (and pettingzoo is not installed)." if missing else ".")
+        ) from None
+    return {"gym": GymSlots, "pz_parallel": ParallelSlots, "pz_aec": AECSlots}[kind](env)

@@ -38,6 +38,11 @@ class Outcome:
     ``obs``/``info`` are what the slot observed when the outcome was settled (for a finished
     episode, its final observation: the runner bootstraps a truncated episode from its value
     and reads the caption from it). ``reward`` is everything the slot earned since it acted.
+
+    Every SlotEnv gets the same two normalisations here: a step reported as both terminated and
+    truncated counts as terminated (NLE reports its step limit as both), and at an episode end
+    ``obs`` and ``info`` are copied (envs such as NLE reuse their buffers, and the reset that
+    follows would overwrite them).
     """
 
     slot: int
@@ -46,6 +51,13 @@ class Outcome:
     truncated: bool
     obs: Any
     info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.reward = float(self.reward)
+        self.terminated = bool(self.terminated)
+        self.truncated = bool(self.truncated) and not self.terminated
+        if self.terminated or self.truncated:
+            self.obs, self.info = copy_obs(self.obs), dict(self.info)
 
 
 def copy_obs(obs: Any) -> Any:
@@ -98,14 +110,9 @@ class GymSlots(SlotEnv):
 
     def step(self, actions: dict[int, Any]) -> tuple[list[Outcome], Decisions]:
         obs, reward, terminated, truncated, info = self.env.step(actions[0])
-        # Some envs (NLE among them) report a step limit as termination *and* truncation.
-        truncated = bool(truncated) and not terminated
-        if terminated or truncated:
-            # Some envs (NLE) reuse their observation buffers: keep the final one from reset.
-            outcome = Outcome(0, float(reward), bool(terminated), truncated, copy_obs(obs), info)
+        outcome = Outcome(0, reward, terminated, truncated, obs, info)
+        if outcome.terminated or outcome.truncated:
             obs, info = self.env.reset()
-            return [outcome], {0: (obs, info)}
-        outcome = Outcome(0, float(reward), False, False, obs, info)
         return [outcome], {0: (obs, info)}
 
     def close(self) -> None:
