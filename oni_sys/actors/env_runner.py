@@ -88,6 +88,7 @@ class _SlotBuffers:
         self.num_slots = num_slots
         self.count = np.zeros(num_slots, np.int64)  # records per slot (the last may be open)
         self.open = np.zeros(num_slots, bool)  # the slot acted and awaits its outcome
+        self.dropped = 0  # records dropped to bound the backlog of slots that ran ahead
         self.specs = {k: (v.shape, v.dtype) for k, v in obs_example.items()}
         self.action_spec = (dist.action_shape, dist.action_dtype)
         self.state_size = state_size
@@ -130,12 +131,19 @@ class _SlotBuffers:
         out = {name: arr[:T].copy() for name, arr in a.items() if name != "obs"}
         out["obs"] = {k: v[:T].copy() for k, v in a["obs"].items()}
         rest = self.count - T
-        # Slots that ran ahead keep their extra records, moved to the front.
-        for s in np.flatnonzero(rest):
-            n = int(rest[s])
+        # Slots that ran ahead keep their newest extra records, at most T, moved to the front.
+        # Where one agent acts more often than another (tic-tac-toe's first player moves once
+        # more in most games), the faster one's backlog would otherwise grow without bound, and
+        # with it the age (policy lag) of the steps it trains on; its oldest extra records are
+        # dropped instead (counted in ``dropped``). A column may start anywhere: every record
+        # keeps its own recurrent state and episode-start flag.
+        keep = np.minimum(rest, T)
+        self.dropped += int((rest - keep).sum())
+        for s in np.flatnonzero(keep):
+            n, start = int(keep[s]), int(self.count[s] - keep[s])
             for arr in _columns(a):
-                arr[:n, s] = arr[T : T + n, s]
-        self.count = rest
+                arr[:n, s] = arr[start : start + n, s]
+        self.count = keep
         return out
 
 
@@ -335,7 +343,15 @@ class EnvRunner:
                 for k, v in self.pending[s].items():
                     obs_last[k][s] = v
                 first_last[s] = self.next_first[s]
+        dropped = b.dropped
         rec = b.take(T)
+        if b.dropped > dropped and not dropped:
+            logger.info(
+                "some agents act more often than others: each fragment keeps at most %d extra "
+                "steps of an agent that ran ahead and drops its older ones (%d so far)",
+                T,
+                b.dropped,
+            )
         new_captions, self._new_captions = self._new_captions, {}
         episodes, self._episodes = self._episodes, []
         return Fragment(

@@ -4,11 +4,13 @@ actions on a fresh copy of its env reproduces its observations, rewards, ends an
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from oni_sys.actors.env_runner import EnvRunner
 from oni_sys.config import load_config
 from oni_sys.envs.captions import caption_id
 from oni_sys.envs.keydoor import KeyDoorEnv
+from oni_sys.learners.policy_learner import PolicyLearner
 
 
 def test_fragments_replay_on_a_fresh_env():
@@ -50,4 +52,35 @@ def test_fragments_replay_on_a_fresh_env():
             assert f.first[T, col] == first
     assert replayed_episodes == episodes > 0
     assert any(f.truncated.any() for f in fragments) and any(f.caption_ids.any() for f in fragments)
+    runner.close()
+
+
+def test_an_agent_that_acts_more_often_keeps_a_bounded_backlog():
+    """Tic-tac-toe's first player moves once more than the second in most games. Its extra
+    steps must not pile up (their age, the policy lag, would grow without bound): at most T
+    carry over, older ones are dropped, and the columns still replay exactly in the learner."""
+    cfg = load_config(
+        "configs/cartpole.yaml",
+        ["env.id=pz:pettingzoo.classic.tictactoe_v3:env", "env.num_envs=4", "algo.rollout=8"]
+        + ["model.core=gru"],
+    )
+    T = cfg.algo.rollout
+    runner = EnvRunner(cfg)
+    learner = PolicyLearner(cfg, runner.interface)
+    for i in range(120):
+        runner.set_weights(learner.get_weights(), i)  # a new policy version every fragment
+        f = runner.sample()
+        assert (runner.buffers.count <= T).all()
+        assert i - f.policy_version <= 1  # no step is older than the previous fragment's weights
+    assert runner.buffers.dropped > 0 and runner.buffers.capacity <= 8 * (T + 1)
+    # A column that starts after dropped records unrolls from its own stored state.
+    obs = {k: torch.as_tensor(v) for k, v in f.obs.items()}
+    with torch.no_grad():
+        params, _, _ = learner.model(
+            obs, torch.as_tensor(f.initial_state), torch.as_tensor(f.first)
+        )
+        logp, _ = learner.dist.logp_entropy(
+            params[:-1], torch.as_tensor(f.actions), obs["action_mask"][:-1]
+        )
+    np.testing.assert_allclose(logp.numpy(), f.behaviour_logp, atol=1e-5)
     runner.close()
