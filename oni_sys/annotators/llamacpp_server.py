@@ -7,38 +7,16 @@ by the caller: for tests, benchmarks, and users who want the embedded model behi
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from oni_sys.annotators.server_process import die_with_parent, free_port, log_tail, wait_for_models
+
 logger = logging.getLogger(__name__)
-
-
-try:  # loaded before any fork: the child only makes one system call through it
-    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform == "linux" else None
-except OSError:
-    _LIBC = None
-
-
-def _die_with_parent() -> None:
-    """In the server child before exec: SIGKILL it if pytest dies (Linux), so none is left over."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LlamaCppServer:
@@ -104,33 +82,21 @@ class LlamaCppServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent(signal.SIGKILL),  # none left over if pytest dies
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Poll ``GET /v1/models`` until the server answers; stop it and raise on failure."""
         assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"llama_cpp.server exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.base_url + "/models", timeout=5) as resp:
-                    if resp.status == 200:
-                        logger.info(
-                            "llama_cpp.server ready at %s (pid %d)", self.base_url, self.proc.pid
-                        )
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(
-            f"llama_cpp.server did not answer within {timeout_s} s:\n{self.log_tail()}"
-        )
+        try:
+            wait_for_models(
+                self.proc, self.base_url, timeout_s, "llama_cpp.server", self.log_tail, 0.2
+            )
+        except RuntimeError:
+            self.stop()
+            raise
+        logger.info("llama_cpp.server ready at %s (pid %d)", self.base_url, self.proc.pid)
 
     def kill(self) -> None:
         """SIGKILL the server (as a crash would) and reap it."""
@@ -158,7 +124,4 @@ class LlamaCppServer:
 
     def log_tail(self, n_bytes: int = 3000) -> str:
         """The end of the server's output."""
-        try:
-            return self.log_path.read_bytes()[-n_bytes:].decode("utf-8", errors="replace")
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n_bytes)

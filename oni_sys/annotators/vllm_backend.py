@@ -27,24 +27,20 @@ the Hugging Face cache).
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from oni_sys.annotators.openai_backend import OpenAIBackend
+from oni_sys.annotators.server_process import die_with_parent, free_port, log_tail, wait_for_models
 
 logger = logging.getLogger(__name__)
 
@@ -93,24 +89,6 @@ def check_vllm_requirements(tensor_parallel_size: int = 1) -> None:
         )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-try:  # loaded before any fork: the child only makes one system call through it
-    _LIBC: Any = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform == "linux" else None
-except OSError:
-    _LIBC = None
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: ask for SIGTERM when the parent (the actor) dies (Linux)."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class _VLLMProcess:
     """Runs inside the Ray actor: owns the ``vllm serve`` subprocess."""
 
@@ -122,7 +100,7 @@ class _VLLMProcess:
         extra_args: Sequence[str] = (),
     ) -> None:
         self.model = model
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         exe = Path(sys.executable).with_name("vllm")
         cmd = [str(exe)] if exe.exists() else [shutil.which("vllm") or "vllm"]
@@ -148,37 +126,21 @@ class _VLLMProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group, stopped as a whole
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(signal.SIGTERM),  # vLLM goes when its actor dies
         )
 
     def log_tail(self, n_bytes: int = 4000) -> str:
         """The end of vLLM's output, for error messages."""
-        try:
-            data = self.log_path.read_bytes()
-        except OSError:
-            return ""
-        return data[-n_bytes:].decode("utf-8", errors="replace")
+        return log_tail(self.log_path, n_bytes)
 
     def wait_ready(self, timeout_s: float) -> str:
         """Poll ``GET /v1/models`` until vLLM answers; returns the base URL."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"vllm serve exited with code {code} before it was ready:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.base_url + "/models", timeout=5) as resp:
-                    if resp.status == 200:
-                        return self.base_url
-            except (urllib.error.URLError, OSError, TimeoutError):
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise RuntimeError(
-            f"vllm serve did not answer on {self.base_url} within {timeout_s:.0f} s:\n{self.log_tail()}"
-        )
+        try:
+            wait_for_models(self.proc, self.base_url, timeout_s, "vllm serve", self.log_tail, 1.0)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self.base_url
 
     def pid(self) -> int:
         """The vLLM server's process id."""
