@@ -168,13 +168,11 @@ class EnvRunner:
         self.generator = torch.Generator().manual_seed(base_seed)
         resets = [env.reset(seed=s) for env, s in zip(self.envs, self.env_seeds, strict=True)]
         self.interface = interface_of(self.envs[0], resets[0], cfg.model)
-        self.obs_space = self.interface.obs_space
-        self.slot_names = self.interface.slot_names
-        self.slots_per_env = len(self.slot_names)
+        self.slots_per_env = len(self.interface.slot_names)
         self.num_slots = n * self.slots_per_env
         self.dist = self.interface.dist(cfg.model)
         self.captioner = make_captioner(cfg.env.id, cfg.env.captioner)
-        self.model = build_model(cfg.model, cfg.env.id, self.obs_space, self.dist)
+        self.model = build_model(cfg.model, cfg.env.id, self.interface.obs_space, self.dist)
         self.model.eval()
         self.policy_version = 0
         # Decisions waiting for an action: global slot -> model observation.
@@ -311,7 +309,9 @@ class EnvRunner:
         stats = {"return": float(self.episode_return[g]), "length": float(self.episode_length[g])}
         stats.update(info.get("episode_extras", {}))
         if self.slots_per_env > 1:
-            stats[f"agent_return/{self.slot_names[g % self.slots_per_env]}"] = stats["return"]
+            stats[f"agent_return/{self.interface.slot_names[g % self.slots_per_env]}"] = stats[
+                "return"
+            ]
         self._episodes.append(stats)
         self.episode_return[g], self.episode_length[g] = 0.0, 0
         self.episode_captions[g] = {}
