@@ -105,12 +105,6 @@ def decode_text(value: Any) -> str | None:
 # ---------------------------------------------------------------------------------- captioners
 
 
-def info_captioner(obs: Any, info: dict) -> str | None:
-    """Caption convention for any env: the text in ``info["caption"]``, if any."""
-    caption = info.get("caption")
-    return caption if isinstance(caption, str) and caption.strip() else None
-
-
 class InfoCaptioner:
     """``info:<key>``: ``info[key]`` when it is a non-empty string, else None."""
 
@@ -123,6 +117,10 @@ class InfoCaptioner:
 
     def __repr__(self) -> str:
         return f"InfoCaptioner({self.key!r})"
+
+
+#: The caption convention for any env: the text in ``info["caption"]``, if any.
+info_captioner = InfoCaptioner("caption")
 
 
 class ObsCaptioner:
