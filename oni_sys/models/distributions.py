@@ -60,6 +60,15 @@ def categorical_logp_entropy(
     return logp, -(probs * safe_log_probs).sum(-1)
 
 
+def _sample_categorical(
+    logits: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw from a masked categorical over the last axis: ``(actions, logp)``."""
+    log_probs = F.log_softmax(_apply_mask(logits, mask), dim=-1)
+    actions = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+    return actions, log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+
 class ActionDist:
     """Base class. Shapes: ``params [..., param_size]``, ``actions [..., *action_shape]``."""
 
@@ -104,9 +113,7 @@ class CategoricalDist(ActionDist):
         self.param_size = self.mask_size = self.n
 
     def sample(self, params, mask, generator):
-        log_probs = F.log_softmax(_apply_mask(params, mask), dim=-1)
-        actions = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
-        return actions, log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        return _sample_categorical(params, mask, generator)
 
     def mode(self, params, mask):
         return _apply_mask(params, mask).argmax(-1)
@@ -138,12 +145,8 @@ class MultiCategoricalDist(ActionDist):
         return list(torch.split(x, self.nvec, dim=-1))
 
     def sample(self, params, mask, generator):
-        acts, logps = [], []
-        for p, m in zip(self._split(params), self._split(mask), strict=True):
-            log_probs = F.log_softmax(_apply_mask(p, m), dim=-1)
-            a = torch.multinomial(log_probs.exp(), 1, generator=generator)
-            acts.append(a.squeeze(-1))
-            logps.append(log_probs.gather(-1, a).squeeze(-1))
+        parts = zip(self._split(params), self._split(mask), strict=True)
+        acts, logps = zip(*(_sample_categorical(p, m, generator) for p, m in parts), strict=True)
         return torch.stack(acts, -1), torch.stack(logps, -1).sum(-1)
 
     def mode(self, params, mask):
