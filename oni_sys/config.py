@@ -173,6 +173,32 @@ class AnnotatorConfig:
     )
     n_ctx: int = _f(2048, min=256, help="llamacpp: context length")
     n_threads: int = _f(1, min=1, help="llamacpp: CPU threads")
+    max_restarts: int = _f(
+        5,
+        min=0,
+        help="llamacpp: crashes of the model's child process within restart_window_s before "
+        "the backend is declared down (the run then stops with a checkpoint)",
+    )
+    restart_window_s: float = _f(
+        600.0, gt=0.0, help="llamacpp: the window in which max_restarts crashes are counted"
+    )
+    max_outage_s: float = _f(
+        600.0,
+        gt=0.0,
+        help="an annotator that cannot answer for longer than this stops the run (with a "
+        "checkpoint and a clear error); shorter outages are shown and tolerated",
+    )
+    startup_timeout_s: float = _f(
+        300.0,
+        gt=0.0,
+        help="time allowed for the annotator to answer its first real question before training",
+    )
+    max_queue: int = _f(
+        200_000,
+        min=1,
+        help="questions waiting for the LLM at most; beyond it the least seen are dropped "
+        "(counted in annotator_dropped) and asked again when seen again",
+    )
     tensor_parallel_size: int = _f(1, min=1, help="vllm: GPUs per model")
     gpu_memory_utilization: float = _f(0.85, gt=0.0, max=1.0, help="vllm: GPU memory fraction")
 

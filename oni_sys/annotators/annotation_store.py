@@ -501,6 +501,11 @@ class AnnotationStore:
                 out[_from_sql(cid)] = text
         return out
 
+    def all_texts(self) -> dict[int, str]:
+        """Every stored caption (and question) text by id."""
+        with self._read() as conn:
+            return {_from_sql(i): t for i, t in conn.execute("SELECT id, text FROM captions")}
+
     def times_seen(self, ids: Iterable[int]) -> dict[int, int]:
         """``times_seen`` of the given ids that are stored."""
         _, keys = _keys(ids)

@@ -17,6 +17,13 @@ class BackendError(Exception):
     """A backend failed to answer (network, server, malformed response); the question may be retried."""
 
 
+class FatalBackendError(Exception):
+    """The backend cannot answer and no retry will change that: the server refused the request
+    (HTTP 400/401/403/404), the model is not served, the prompt is longer than the context, the
+    model cannot be loaded, or a supervised model process crashed too often. The message is one
+    sentence a user can act on (it carries the server's own message when there is one)."""
+
+
 class UnparseableAnswer(Exception):
     """The backend answered, but with nothing that maps onto the allowed choices."""
 

@@ -36,7 +36,8 @@ Failure handling: a semaphore bounds requests in flight; each HTTP request has a
 connection errors, timeouts, HTTP 429 (``Retry-After`` honoured, capped at ``backoff_max_s``),
 HTTP 5xx, bodies over ``max_body_bytes``, malformed JSON and missing fields are retried with
 exponential backoff and full jitter, each failure counted by kind in :meth:`OpenAIBackend.stats`;
-other HTTP 4xx than 408/425 (a request the server will never accept) fail at once. A circuit breaker opens
+other HTTP 4xx than 408/425 (a request the server will never accept) fail at once with
+:class:`FatalBackendError`, carrying the server's message. A circuit breaker opens
 after ``breaker_threshold`` consecutive failures: while open nothing is sent (callers wait for the
 cooldown, and each such wait uses up one retry, so :meth:`OpenAIBackend.score` always ends), then
 one probe request is let through (half-open); its success closes the breaker, its failure opens it
@@ -68,7 +69,13 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from oni_sys.annotators.base import BackendError, ChoiceScores, Question, UnparseableAnswer
+from oni_sys.annotators.base import (
+    BackendError,
+    ChoiceScores,
+    FatalBackendError,
+    Question,
+    UnparseableAnswer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -397,6 +404,27 @@ def parse_completion_top_logprobs(data: Any) -> tuple[dict[str, float] | None, s
     return top, text
 
 
+def _server_message(body: bytes) -> str | None:
+    """The message of an error body (``{"error": {"message": ...}}`` as OpenAI, vLLM and
+    llama.cpp send it, or ``{"detail": ...}`` / ``{"message": ...}``), at most 300 characters."""
+    try:
+        data = json.loads(body[:65536])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error")
+    candidates = [
+        error.get("message") if isinstance(error, dict) else error,
+        data.get("detail"),
+        data.get("message"),
+    ]
+    for text in candidates:
+        if isinstance(text, str) and text.strip():
+            return " ".join(text.split())[:300]
+    return None
+
+
 def _retry_after_seconds(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
     if not value:
@@ -567,19 +595,32 @@ class OpenAIBackend:
             ids = await self._call("GET", "/models", None, self._parse_models)
             if self.model is None:
                 if not ids:
-                    raise BackendError(f"the server at {self.base_url} lists no models")
+                    raise FatalBackendError(f"the server at {self.base_url} lists no models")
                 if len(ids) > 1:
                     logger.warning("server serves %d models; using the first, %r", len(ids), ids[0])
                 self.model_id = ids[0]
             elif self.model in ids:
                 self.model_id = self.model
             else:
-                raise BackendError(
-                    f"the server at {self.base_url} serves {ids}, not the configured model {self.model!r}"
+                raise FatalBackendError(
+                    f"the server at {self.base_url} serves {ids}, not the configured model "
+                    f"{self.model!r} (set annotator.model to one of them)"
                 )
             self._started = True
             logger.info("openai backend ready: %s serving %r", self.base_url, self.model_id)
             return self.model_id
+
+    async def health(self) -> None:
+        """One ``GET /models`` without retries; raises :class:`BackendError` if it fails."""
+        self._resources()
+        try:
+            await self._attempt("GET", "/models", None, self._parse_models)
+        except _AttemptFailed as failure:
+            raise BackendError(
+                self._key.redact(
+                    f"GET {self.base_url}/models failed ({failure.kind}): {failure.message}"
+                )
+            ) from None
 
     async def close(self) -> None:
         """Close the HTTP session (the server, if any, is not ours to stop)."""
@@ -593,7 +634,7 @@ class OpenAIBackend:
     async def score(self, question: Question) -> ChoiceScores:
         """Log-probabilities of ``question.choices`` as the first generated token.
 
-        Raises :class:`BackendError` after ``max_retries`` failed retries (or at once for a
+        Raises :class:`BackendError` after ``max_retries`` failed retries (:class:`FatalBackendError` at once for a
         request the server refuses with HTTP 4xx). Choices absent from the top ``K`` get
         ``-inf``; the caller decides what an answer with no allowed choice means.
         """
@@ -696,9 +737,11 @@ class OpenAIBackend:
                 else:
                     self.breaker.record_success(is_probe)
                 if not failure.retryable:
-                    raise BackendError(
+                    # A refused request (400 bad request or prompt too long, 401/403 auth, 404
+                    # no such model or path): asking again gets the same answer.
+                    raise FatalBackendError(
                         self._key.redact(
-                            f"{method} {self.base_url}{path} failed ({failure.kind}): {failure.message}"
+                            f"{method} {self.base_url}{path} was refused: {failure.message}"
                         )
                     ) from None
                 logger.debug(
@@ -764,7 +807,8 @@ class OpenAIBackend:
                 raise _AttemptFailed("connection", f"{type(exc).__name__}: {exc}") from None
             finally:
                 self._in_flight -= 1
-        snippet = body[:200].decode("utf-8", errors="replace")
+        snippet = _server_message(body) if 400 <= status < 500 else None
+        snippet = snippet or body[:200].decode("utf-8", errors="replace")
         if status == 429:
             raise _AttemptFailed("http_429", f"HTTP 429: {snippet}", retry_after=retry_after)
         if status >= 500:

@@ -32,8 +32,21 @@ from oni_sys.annotators.annotation_store import (
     LabelRecord,
     PreferenceRecord,
 )
-from oni_sys.annotators.base import Backend, BackendError, Question, UnparseableAnswer
+from oni_sys.annotators.base import (
+    Backend,
+    BackendError,
+    FatalBackendError,
+    Question,
+    UnparseableAnswer,
+)
 from oni_sys.annotators.normalise import caption_parts
+from oni_sys.annotators.preflight import (
+    TROUBLESHOOTING,
+    AnnotatorUnavailable,
+    ProbeResult,
+    describe_backend,
+    probe_backend,
+)
 from oni_sys.annotators.prompts import build_classification, build_ranking, prompt_version
 from oni_sys.config import AnnotatorConfig
 from oni_sys.envs.captions import caption_id, normalise_caption
@@ -44,6 +57,8 @@ logger = logging.getLogger(__name__)
 PARSER_VERSION = "choice-logprob-v1"
 #: ranking: comparisons asked for each new caption, each of them against that caption
 PAIRS_PER_CAPTION = 4
+#: seconds between availability checks while no question is in flight
+HEALTH_INTERVAL_S = 5.0
 
 
 def make_backend(cfg: AnnotatorConfig) -> Backend:
@@ -51,7 +66,13 @@ def make_backend(cfg: AnnotatorConfig) -> Backend:
     if cfg.backend == "llamacpp":
         from oni_sys.annotators.llamacpp_backend import LlamaCppBackend
 
-        return LlamaCppBackend(cfg.model, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads)
+        return LlamaCppBackend(
+            cfg.model,
+            n_ctx=cfg.n_ctx,
+            n_threads=cfg.n_threads,
+            max_restarts=cfg.max_restarts,
+            restart_window_s=cfg.restart_window_s,
+        )
     if cfg.backend == "rules":
         from oni_sys.annotators.rules_backend import RulesBackend
 
@@ -106,6 +127,7 @@ class ServiceStats:
     parse_failures: int = 0
     backend_errors: int = 0
     preferences_total: int = 0
+    dropped: int = 0
     latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
     label_times: deque = field(default_factory=lambda: deque(maxlen=2000))
 
@@ -117,8 +139,9 @@ class AnnotationService:
         cfg: the ``annotator`` config section.
         store_path: the SQLite store (``annotator.store`` or ``<run dir>/labels.sqlite``).
         backend: an already built backend (default: :func:`make_backend`).
-        max_pending: questions kept in memory at most; the least seen beyond it are dropped
-            from memory (their texts stay in the store and :meth:`requeue_missing` finds them).
+        max_pending: questions queued in memory at most (default ``annotator.max_queue``); the
+            least seen beyond it are dropped and counted, and asked again when seen again (their
+            texts stay in the store).
 
     Example:
         >>> service = AnnotationService(cfg.annotator, "labels.sqlite")  # doctest: +SKIP
@@ -131,12 +154,12 @@ class AnnotationService:
         cfg: AnnotatorConfig,
         store_path: str | Path,
         backend: Backend | None = None,
-        max_pending: int = 200_000,
+        max_pending: int | None = None,
     ):
         self.cfg = cfg
         self.store = AnnotationStore(store_path)
         self.backend = backend if backend is not None else make_backend(cfg)
-        self.max_pending = max_pending
+        self.max_pending = cfg.max_queue if max_pending is None else max_pending
         # What is asked (sentences, number templates) and how a probability becomes a label
         # (threshold) change stored labels too, so they are part of the version.
         asked = f"split={int(cfg.split_sentences)},numbers={int(cfg.number_template)},t={cfg.threshold:g}"
@@ -166,7 +189,14 @@ class AnnotationService:
         # or in _pending_writes to a concurrent submit, never in neither.
         self._submit_lock = threading.Lock()
         self._pending_prefs: list[PreferenceRecord] = []
+        self._dropped: set[int] = set()  # caption ids dropped from the queue, owed a question
         self._rng = random.Random(0)
+        # Availability: down from a question that failed after the backend's own retries until
+        # the next answer; a fatal error (or an outage beyond max_outage_s) is final.
+        self._down_since: float | None = None
+        self._last_error = ""
+        self._failure: str | None = None
+        self.extra_restarts = 0  # restarts of the process around the service (Ray actor)
         self._loop = asyncio.new_event_loop()
         self._wakeup: asyncio.Event | None = None
         self._stopping = False
@@ -182,6 +212,12 @@ class AnnotationService:
         questions raise their priority.
         """
         counts = counts or {}
+        if counts and self._dropped and not self.ranking:
+            with self._lock:
+                back = [int(c) for c in counts if int(c) in self._dropped and c not in texts]
+                self._dropped.difference_update(back)
+            if back:  # dropped from the queue earlier and seen again: ask about it now
+                texts = {**self.store.texts(back), **texts}
         with self._submit_lock:
             if texts:
                 self.store.add_captions({int(k): v for k, v in texts.items()})
@@ -238,7 +274,74 @@ class AnnotationService:
             else float("nan"),
             "annotator_parse_failures": s.parse_failures,
             "annotator_backend_errors": s.backend_errors,
+            "annotator_dropped": s.dropped,
+            "annotator_up": 0.0 if self._down_since is not None or self._failure else 1.0,
+            "annotator_outage_s": self.outage_seconds(),
+            "annotator_restarts": self.restarts(),
         }
+
+    def restarts(self) -> int:
+        """Restarts of the LLM's process (llama.cpp child) and of the service's own process."""
+        return int(getattr(self.backend, "restarts", 0)) + self.extra_restarts
+
+    def outage_seconds(self) -> float:
+        """How long the annotator has been unable to answer (0 while it answers)."""
+        since = self._down_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def failure(self) -> str | None:
+        """Why the annotator can no longer serve the run (one sentence), or None."""
+        return self._failure
+
+    def preflight(self, timeout_s: float | None = None) -> ProbeResult:
+        """Ask one real question before anything depends on the answers.
+
+        Raises:
+            AnnotatorUnavailable: the backend cannot answer (one sentence: what failed, the
+                backend, its URL or model, and where to look).
+        """
+        timeout = self.cfg.startup_timeout_s if timeout_s is None else timeout_s
+        future = asyncio.run_coroutine_threadsafe(
+            probe_backend(self.backend, self.cfg, timeout), self._loop
+        )
+        result = future.result()
+        if not result.ok:
+            raise AnnotatorUnavailable(result.sentence(self.cfg))
+        info = getattr(self.backend, "system_info", None)
+        if info:
+            logger.info("llama.cpp system info: %s", info)
+        logger.info("%s", result.sentence(self.cfg))
+        return result
+
+    def _mark_down(self, error: str) -> None:
+        self._last_error = error
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            logger.warning(
+                "annotator down (%s): %s; questions wait and are asked again",
+                describe_backend(self.cfg),
+                error,
+            )
+
+    def _mark_up(self) -> None:
+        since = self._down_since
+        if since is not None:
+            self._down_since = None
+            logger.warning("annotator up again after %.0f s down", time.monotonic() - since)
+
+    def _fail(self, message: str) -> None:
+        if self._failure is None:
+            self._failure = message
+            logger.error("%s", message)
+
+    def _check_outage(self) -> None:
+        outage = self.outage_seconds()
+        if outage > self.cfg.max_outage_s and self._failure is None:
+            self._fail(
+                f"the annotator has not answered for {outage:.0f} s, more than "
+                f"annotator.max_outage_s={self.cfg.max_outage_s:g} ({describe_backend(self.cfg)}); "
+                f"last error: {self._last_error}; see {TROUBLESHOOTING}"
+            )
 
     def idle(self) -> bool:
         """True when nothing is queued, in flight or waiting to be written."""
@@ -260,9 +363,51 @@ class AnnotationService:
             time.sleep(0.02)
         return True
 
+    def stored_records(
+        self,
+    ) -> tuple[list[tuple[int, str, int, float]], list[tuple[int, str, int, str, float]]]:
+        """Every stored label and preference of this version, in :meth:`poll_records`' shape
+        (for a reward learner that restarted and lost what it had been sent)."""
+        labels = [r for r in self.store.get_labels(self.version).values() if r.status == LABELLED]
+        prefs = [r for r in self.store.get_preferences(self.version) if r.status == LABELLED]
+        ids = {r.caption_id for r in labels}
+        ids.update(i for r in prefs for i in (r.caption_a, r.caption_b))
+        texts = self.store.texts(ids) if ids else {}
+        return (
+            [(r.caption_id, texts.get(r.caption_id, ""), r.label, r.probability) for r in labels],
+            [
+                (r.caption_a, texts.get(r.caption_a, ""), r.caption_b, texts.get(r.caption_b, ""))
+                + (r.preference,)
+                for r in prefs
+            ],
+        )
+
+    def republish_stored(self) -> int:
+        """Publish every stored label of this version again (a restarted service: what the old
+        process answered but had not yet handed out); returns how many."""
+        labels, prefs = self.stored_records()
+        with self._lock:
+            self._published.extend((cid, label, p) for cid, _, label, p in labels)
+            self._published_prefs.extend(prefs)
+        return len(labels) + len(prefs)
+
     def requeue_missing(self) -> int:
         """Queue every stored caption without an answer for this version (after a restart or
-        an eviction), most seen first; returns how many."""
+        a resume), most seen first; returns how many.
+
+        For ranking, the stored captions form the pool again and the pairs already answered
+        are not asked again; captions are not owed new comparisons.
+        """
+        if self.ranking:
+            seen = self.store.unanswered(self.version)  # ranking stores no labels: every caption
+            with self._lock:
+                for cid, (_, times) in seen.items():
+                    self._pair_pool.setdefault(cid, 0)
+                    self._pair_pool[cid] += times
+                for r in self.store.get_preferences(self.version):
+                    a, b = r.caption_a, r.caption_b
+                    self._asked_pairs.add((min(a, b), max(a, b)))
+            return 0
         owed = self.store.unanswered(self.version, limit=self.max_pending)
         self.submit({cid: text for cid, (text, _) in owed.items()}, {})
         with self._lock:
@@ -342,8 +487,22 @@ class AnnotationService:
         for _, qid in queued[:excess]:
             self._texts.pop(qid, None)
             self._counts.pop(qid, None)
+            self.stats.dropped += 1
             for cid in self._question_captions.pop(qid, []):
-                self._waiting.pop(cid, None)
+                waiting = self._waiting.pop(cid, None)
+                if waiting is None:
+                    continue
+                self._dropped.add(cid)
+                for other in waiting.questions:  # its other sentences wait for nobody now
+                    users = self._question_captions.get(other, [])
+                    if cid in users:
+                        users.remove(cid)
+        if self.stats.dropped == excess:  # the first overflow of this run: say it once
+            logger.warning(
+                "annotator queue over annotator.max_queue=%d: dropping the least seen questions "
+                "(counted in annotator_dropped; asked again when seen again)",
+                self.max_pending,
+            )
 
     def _finish_caption(self, cid: int) -> None:
         """All questions of ``cid`` are answered: combine (max) and publish. Lock held."""
@@ -443,10 +602,29 @@ class AnnotationService:
                 return qid, self._texts[qid]
         return None
 
+    async def _health(self) -> None:
+        """Ask the backend whether it can answer (used only while no question is in flight, so
+        an idle annotator's outage shows too)."""
+        check = getattr(self.backend, "health", None)
+        if check is None:
+            return
+        try:
+            await asyncio.wait_for(check(), timeout=HEALTH_INTERVAL_S * 2)
+        except FatalBackendError as exc:
+            self._fail(
+                f"the annotator stopped ({describe_backend(self.cfg)}): {exc}; "
+                f"see {TROUBLESHOOTING}"
+            )
+        except (BackendError, OSError, TimeoutError, asyncio.TimeoutError) as exc:
+            self._mark_down(str(exc) or type(exc).__name__)
+        else:
+            self._mark_up()
+
     async def _main(self) -> None:
         self._wakeup = asyncio.Event()
         tasks: set[asyncio.Task] = set()
-        last_flush = time.monotonic()
+        health: asyncio.Task | None = None
+        last_flush = last_health = time.monotonic()
         while not self._stopping:
             while len(tasks) < self.cfg.concurrency:
                 job = self._next_job()
@@ -460,11 +638,18 @@ class AnnotationService:
             if time.monotonic() - last_flush > 0.25:
                 self._flush()
                 last_flush = time.monotonic()
+                self._check_outage()
+            idle = not tasks and (health is None or health.done())
+            if idle and time.monotonic() - last_health > HEALTH_INTERVAL_S:
+                last_health = time.monotonic()
+                health = asyncio.create_task(self._health())
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=0.05)
             except asyncio.TimeoutError:
                 pass
+        if health is not None:
+            tasks.add(health)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -475,6 +660,8 @@ class AnnotationService:
             logger.exception("closing the annotator backend failed")
 
     def _next_job(self):
+        if self._failure is not None:
+            return None  # the run is stopping; what is queued stays in the store
         if self.ranking:
             with self._lock:
                 pair = self._next_pair()
@@ -494,19 +681,29 @@ class AnnotationService:
             self.stats.requests_total += 1
             try:
                 scores = await self.backend.score(question)
+                self._mark_up()
                 probs = scores.probabilities()
                 with self._lock:
                     self.stats.latencies.append(time.perf_counter() - start)
                 return probs, attempts, None
+            except FatalBackendError as exc:
+                # No retry can fix it (a refused request, a model not served, a model that
+                # keeps crashing): the run must stop rather than train without labels.
+                self._fail(
+                    f"the annotator stopped ({describe_backend(self.cfg)}): {exc}; "
+                    f"see {TROUBLESHOOTING}"
+                )
+                raise asyncio.CancelledError from None
             except UnparseableAnswer as exc:
                 self.stats.parse_failures += 1
                 error = str(exc)
                 if attempts > self.cfg.max_parse_retries:
                     return None, attempts, error
-            except BackendError:
+            except BackendError as exc:
                 # The LLM is down or misbehaving: the backend already retried; wait and ask
                 # again rather than record a non-answer. Nothing is lost while it is away.
                 self.stats.backend_errors += 1
+                self._mark_down(str(exc))
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** min(attempts, 6)) * self._rng.random())
                 if self._stopping:
                     raise asyncio.CancelledError from None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
+from oni_sys.annotators.preflight import AnnotatorUnavailable
 from oni_sys.config import Config
 from oni_sys.runtime.run_dir import RunDirectory, load_checkpoint, resolve_run_dir
 from oni_sys.runtime.tracker import Reporter, Tracker
@@ -32,18 +34,56 @@ class Runtime:
         self.reward_learner = None
 
     def setup(self) -> None:
-        """Create the run directory and the roles; restore the latest checkpoint on resume."""
+        """Create the run directory and the roles; restore the latest checkpoint on resume.
+
+        When the run needs labels, the annotator answers one real question before any env is
+        built; if it cannot, :class:`AnnotatorUnavailable` is raised and nothing trains (a fresh
+        run's directory is removed again).
+        """
         self.run_path, resuming = resolve_run_dir(self.cfg)
-        self.checkpoint = load_checkpoint(self.run_path) if resuming else None
-        resume_steps = self.checkpoint["tracker"]["env_steps"] if self.checkpoint else None
-        self.run_dir = RunDirectory(self.run_path, self.cfg, resume_env_steps=resume_steps)
-        self.tracker = Tracker(self.cfg, self.run_dir, self.reporter)
-        if self.checkpoint:
-            self.tracker.load_state_dict(self.checkpoint["tracker"])
-            logger.info("resuming %s at %d env steps", self.run_path, self.tracker.env_steps)
-        self._start_roles()
-        self.annotator = self._start_annotator() if self.annotator_enabled else None
-        self.reward_learner = self._start_reward_learner() if self.reward_enabled else None
+        try:
+            self.checkpoint = load_checkpoint(self.run_path) if resuming else None
+            resume_steps = self.checkpoint["tracker"]["env_steps"] if self.checkpoint else None
+            self.run_dir = RunDirectory(self.run_path, self.cfg, resume_env_steps=resume_steps)
+            self.tracker = Tracker(self.cfg, self.run_dir, self.reporter)
+            if self.checkpoint:
+                self.tracker.load_state_dict(self.checkpoint["tracker"])
+                logger.info("resuming %s at %d env steps", self.run_path, self.tracker.env_steps)
+            self._connect()
+            if self.annotator_enabled:
+                self.annotator = self._start_annotator()
+                self.annotator.preflight()
+                if resuming:
+                    owed = self.annotator.requeue_missing()
+                    logger.info("annotator: %d stored captions still owed an answer", owed)
+            self._start_roles()
+            self.reward_learner = self._start_reward_learner() if self.reward_enabled else None
+        except BaseException:
+            self._abort_setup(remove_run_dir=not resuming)
+            raise
+
+    def _abort_setup(self, remove_run_dir: bool) -> None:
+        """Undo a failed :meth:`setup`: stop what started; a fresh run leaves no directory."""
+        try:
+            if getattr(self, "run_dir", None) is not None:
+                self.run_dir.close()
+            if self.annotator is not None:
+                self.annotator.close()
+            self._stop_roles()
+        except Exception:  # noqa: BLE001 (the original error is the one to report)
+            logger.exception("cleaning up after a failed start")
+        if remove_run_dir and self.run_path is not None:
+            ckpts = self.run_path / "checkpoints"
+            if not ckpts.is_dir() or not any(ckpts.iterdir()):
+                shutil.rmtree(self.run_path, ignore_errors=True)
+
+    def check_annotator(self) -> None:
+        """Raise :class:`AnnotatorUnavailable` once the annotator can no longer serve the run
+        (an error no retry fixes, or an outage beyond ``annotator.max_outage_s``)."""
+        if self.annotator is not None and self.reward_enabled:
+            failure = self.annotator.failure()
+            if failure:
+                raise AnnotatorUnavailable(failure)
 
     @property
     def reward_enabled(self) -> bool:
@@ -86,7 +126,8 @@ class Runtime:
         logger.warning("Ctrl-C: stopping after this step and writing a checkpoint (again to abort)")
 
     def run(self) -> Path:
-        """Train; returns the run directory. Ctrl-C stops cleanly with a checkpoint."""
+        """Train; returns the run directory. Ctrl-C stops cleanly with a checkpoint; so does an
+        annotator that can no longer serve the run, which then raises AnnotatorUnavailable."""
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, self._on_sigint)
@@ -122,7 +163,9 @@ class Runtime:
         """Write a checkpoint of the learners and the counters."""
         learners = self._learner_state()
         if self.reward_learner is not None:
-            learners["reward"] = self.reward_learner.state_dict()
+            reward_state = self.reward_learner.state_dict()
+            if reward_state is not None:
+                learners["reward"] = reward_state
         state = self.tracker.checkpoint_state(learners)
         return self.run_dir.save_checkpoint(state, self.tracker.env_steps)
 
@@ -131,8 +174,12 @@ class Runtime:
             self._log_row()
         if stats.get("trained") and self.tracker.checkpoint_due():
             self.save_checkpoint()
+        self.check_annotator()
 
     # -- implemented by each runtime -----------------------------------------------------------
+    def _connect(self) -> None:
+        """Start or join what the roles run on (nothing for the serial runtime)."""
+
     def _start_roles(self) -> None:
         raise NotImplementedError
 

@@ -4,19 +4,23 @@ Fragments travel from runners to the learner through the object store (the drive
 references and a small summary); weights travel back as one object that every runner reads.
 Each runner has exactly one ``sample`` call outstanding and the learner at most
 ``runtime.max_fragments_in_flight`` fragments queued, so memory stays bounded however fast the
-runners are. A runner whose process dies is replaced and training goes on.
+runners are. A runner whose process dies is replaced and training goes on; the annotator and the
+reward learner are restarted by Ray when their process dies, and pick up from the label store.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from collections import Counter
 from typing import Any
 
 import torch
 
 from oni_sys.actors.env_interface import probe_env
 from oni_sys.actors.env_runner import EnvRunner, Fragment
+from oni_sys.annotators.preflight import TROUBLESHOOTING, AnnotatorUnavailable
 from oni_sys.config import Config
 from oni_sys.learners.policy_learner import PolicyLearner
 from oni_sys.runtime.base import Runtime
@@ -48,6 +52,10 @@ class RunnerActor(EnvRunner):
         """Process id (tests use it to kill a runner)."""
         return os.getpid()
 
+    def forget_captions(self, ids: list[int]) -> None:
+        """Send these captions' texts again when next seen (the driver had to drop them)."""
+        self.sent_captions.difference_update(ids)
+
 
 class LearnerActor(PolicyLearner):
     """The policy learner, publishing weights together with their version."""
@@ -62,53 +70,112 @@ class LearnerActor(PolicyLearner):
         """Weights and their version, as one object for every runner to read."""
         return {"weights": self.get_weights(), "version": self.version}
 
+    def reward_snapshot_version(self) -> int:
+        """Version of the reward snapshot in use (a restarted reward learner publishes above it)."""
+        return int(self.intrinsic.snapshot_version)
+
 
 class _LatestAnswer:
     """Calls an actor method in the background and returns its latest answer without waiting.
 
-    Until the first answer, ``keys`` are reported as unknown (null), not as zeros.
+    Until the first answer, ``keys`` are reported as unknown (null), not as zeros. The actor
+    counts as unreachable while a call fails or has been unanswered for ``stale_s``; one log
+    line is written when it becomes unreachable and one when it answers again.
     """
 
-    def __init__(self, method, keys: tuple[str, ...]):
+    def __init__(self, method, keys: tuple[str, ...], what: str, stale_s: float = 10.0):
         self.method = method
+        self.what = what
+        self.stale_s = stale_s
         self.ref = None
+        self.sent_at = 0.0
         self.value: dict[str, Any] = dict.fromkeys(keys)
+        #: monotonic time since which the actor has not answered (None: it answers)
+        self.down_since: float | None = None
 
     def get(self) -> dict[str, Any]:
         import ray
 
+        now = time.monotonic()
         if self.ref is not None:
             ready, _ = ray.wait([self.ref], timeout=0)
             if ready:
+                self.ref = None
                 try:
                     self.value = ray.get(ready[0])
+                    self._set_up(now)
                 except Exception as exc:  # noqa: BLE001 (a dead helper must not stop training)
-                    logger.warning("metrics unavailable: %s", exc)
-                self.ref = None
+                    self._set_down(self.sent_at, f"{type(exc).__name__}: {exc}")
+            elif now - self.sent_at > self.stale_s:
+                self._set_down(self.sent_at, f"no answer for {now - self.sent_at:.0f} s")
         if self.ref is None:
             self.ref = self.method.remote()
+            self.sent_at = now
         return dict(self.value)
+
+    def _set_down(self, since: float, why: str) -> None:
+        if self.down_since is None:
+            self.down_since = since
+            logger.warning("%s unreachable (%s)", self.what, why.splitlines()[0][:300])
+
+    def _set_up(self, now: float) -> None:
+        if self.down_since is not None:
+            logger.warning("%s answers again after %.0f s", self.what, now - self.down_since)
+            self.down_since = None
 
 
 class AnnotatorActor:
-    """The annotation service inside a Ray actor (its own thread keeps the LLM busy)."""
+    """The annotation service inside a Ray actor (its own thread keeps the LLM busy).
+
+    Ray restarts the actor when its process dies; the new one reopens the store, asks again
+    every caption that was submitted but not answered, and publishes the stored labels again
+    (the labels the old one had not yet handed to the reward learner are among them).
+    """
 
     def __init__(self, cfg: Config, store_path: str):
+        import ray
+
         from oni_sys.annotators.service import AnnotationService
 
         self.service = AnnotationService(cfg.annotator, store_path)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            owed = self.service.requeue_missing()
+            self.service.republish_stored()
+            logger.warning(
+                "annotator restarted (pid %d): %d captions asked again", os.getpid(), owed
+            )
+
+    def preflight(self) -> str | None:
+        """Ask one real question; None when answered, else the one-sentence reason."""
+        try:
+            self.service.preflight()
+        except AnnotatorUnavailable as exc:
+            return str(exc)
+        return None
 
     def submit(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
         """Queue captions; returns at once."""
         self.service.submit(texts, sightings)
 
-    def metrics(self) -> dict[str, float]:
-        """The service's counters."""
-        return self.service.metrics()
+    def status(self) -> dict[str, Any]:
+        """The service's metrics, its failure (None while it can serve) and this process id."""
+        return {
+            "metrics": self.service.metrics(),
+            "failure": self.service.failure(),
+            "pid": os.getpid(),
+        }
 
     def poll_records(self):
         """New labels and preferences with their texts (for the reward learner)."""
         return self.service.poll_records()
+
+    def stored_records(self):
+        """Every stored label and preference of this version (for a restarted reward learner)."""
+        return self.service.stored_records()
+
+    def requeue_missing(self) -> int:
+        """Ask again every stored caption without an answer (a resumed run)."""
+        return self.service.requeue_missing()
 
     def close(self) -> None:
         """Write what is answered and stop."""
@@ -119,28 +186,126 @@ class RemoteAnnotator:
     """The driver's handle on the annotator actor: every call is fire-and-forget.
 
     Metrics are requested in the background and the latest answer is reported, so a slow or
-    dead annotator never holds up the training loop.
+    dead annotator never holds up the training loop. At most :attr:`MAX_SUBMITS` submits are
+    in flight; captions beyond that wait here, merged, and the least seen of them are dropped
+    (and counted) past ``annotator.max_queue``: their env runners send them again when seen again.
     """
 
-    def __init__(self, cfg: Config, store_path):
+    MAX_SUBMITS = 8
+
+    def __init__(self, cfg: Config, store_path, forget=None):
         import ray
 
+        self.cfg = cfg
         self.actor = (
             ray.remote(AnnotatorActor)
-            .options(num_cpus=cfg.runtime.annotator_cpus, max_concurrency=4)
+            .options(
+                num_cpus=cfg.runtime.annotator_cpus,
+                max_concurrency=4,
+                max_restarts=-1,  # for as long as the outage limit allows
+                max_task_retries=-1,  # submits sent to a dying actor reach its successor
+            )
             .remote(cfg, str(store_path))
         )
-        self._metrics = _LatestAnswer(
-            self.actor.metrics, ("labels_total", "annotator_queue", "annotator_requests_total")
+        self.forget = forget
+        self._status = _LatestAnswer(
+            self.actor.status, ("metrics", "failure", "pid"), "annotator actor"
         )
+        self._status.value["metrics"] = dict.fromkeys(
+            ("labels_total", "annotator_queue", "annotator_requests_total")
+        )
+        self._pid: int | None = None
+        self.actor_restarts = 0
+        self.dropped = 0
+        self._submits: list[Any] = []
+        self._texts: dict[int, str] = {}
+        self._counts: Counter[int] = Counter()
+
+    def preflight(self) -> None:
+        """Ask one real question through the actor; raise AnnotatorUnavailable if it cannot."""
+        import ray
+
+        from oni_sys.annotators.preflight import describe_backend
+
+        try:
+            failure = ray.get(self.actor.preflight.remote())
+        except ray.exceptions.RayError as exc:  # the actor could not even start
+            cause = str(exc).strip().splitlines()[-1][:400]
+            failure = (
+                f"the annotator actor could not start ({describe_backend(self.cfg.annotator)}): "
+                f"{cause}; see {TROUBLESHOOTING}"
+            )
+        if failure:
+            raise AnnotatorUnavailable(failure)
+
+    def requeue_missing(self) -> int:
+        """Ask again every stored caption without an answer (a resumed run)."""
+        import ray
+
+        return int(ray.get(self.actor.requeue_missing.remote()))
 
     def submit(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
-        """Send captions to the annotator without waiting."""
-        self.actor.submit.remote(texts, sightings)
+        """Send captions to the annotator without waiting (bounded, see the class docstring)."""
+        import ray
+
+        self._texts.update(texts)
+        self._counts.update(sightings)
+        if self._submits:
+            _, self._submits = ray.wait(self._submits, num_returns=len(self._submits), timeout=0)
+        if len(self._submits) < self.MAX_SUBMITS:
+            self._submits.append(self.actor.submit.remote(self._texts, dict(self._counts)))
+            self._texts, self._counts = {}, Counter()
+            return
+        excess = len(self._texts) - self.cfg.annotator.max_queue
+        if excess > 0:
+            least = sorted(self._texts, key=lambda c: self._counts.get(c, 0))[:excess]
+            for cid in least:
+                del self._texts[cid]
+            self.dropped += excess
+            if self.forget is not None:
+                self.forget(least)
+
+    def _poll(self) -> dict[str, Any]:
+        status = self._status.get()
+        pid = status.get("pid")
+        if pid is not None and self._pid is not None and pid != self._pid:
+            self.actor_restarts += 1
+        if pid is not None:
+            self._pid = pid
+        return status
 
     def metrics(self) -> dict[str, float]:
-        """The latest metrics the annotator has answered with (possibly one row old)."""
-        return self._metrics.get()
+        """The latest metrics the annotator has answered with (possibly one row old), marked
+        down while the actor itself does not answer."""
+        status = self._poll()
+        out = dict(status.get("metrics") or {})
+        if self._status.down_since is not None:
+            out["annotator_up"] = 0.0
+            out["annotator_outage_s"] = max(
+                float(out.get("annotator_outage_s") or 0.0),
+                time.monotonic() - self._status.down_since,
+            )
+        if out.get("annotator_restarts") is not None or self.actor_restarts:
+            out["annotator_restarts"] = float(out.get("annotator_restarts") or 0) + float(
+                self.actor_restarts
+            )
+        if self.dropped:
+            out["annotator_dropped"] = float(out.get("annotator_dropped") or 0) + self.dropped
+        return out
+
+    def failure(self) -> str | None:
+        """Why the annotator can no longer serve the run, or None."""
+        status = self._poll()
+        if status.get("failure"):
+            return status["failure"]
+        since = self._status.down_since
+        limit = self.cfg.annotator.max_outage_s
+        if since is not None and time.monotonic() - since > limit:
+            return (
+                f"the annotator actor has not answered for {time.monotonic() - since:.0f} s, "
+                f"more than annotator.max_outage_s={limit:g}; see {TROUBLESHOOTING}"
+            )
+        return None
 
     def close(self) -> None:
         """Let the annotator write its answers, then stop it."""
@@ -160,6 +325,8 @@ class RewardLearnerActor:
     def __init__(self, cfg: Config, annotator, policy_learner, state: dict | None = None):
         import threading
 
+        import ray
+
         from oni_sys.learners.reward_learner import RewardLearner
 
         torch.set_num_threads(cfg.runtime.torch_threads)
@@ -169,7 +336,25 @@ class RewardLearnerActor:
         self.learner = RewardLearner(cfg)
         if state is not None:
             self.learner.load_state_dict(state)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # The labels the old process had learned from are in the store; the snapshots it
+            # published are in use, so this one's versions continue above them.
+            try:
+                labels, prefs = ray.get(self.annotator.stored_records.remote(), timeout=120)
+                self.learner.add(labels, prefs)
+                used = ray.get(self.policy_learner.reward_snapshot_version.remote(), timeout=120)
+                self.learner.model.version = max(self.learner.model.version, used)
+            except Exception as exc:  # noqa: BLE001 (learning goes on with what arrives later)
+                labels, prefs = [], []
+                logger.warning("reward learner: stored labels unavailable (%s)", exc)
+            logger.warning(
+                "reward learner restarted (pid %d): %d labels and %d preferences from the store",
+                os.getpid(),
+                len(labels),
+                len(prefs),
+            )
         self.policy_learner.set_reward_snapshot.remote(self.learner.snapshot)
+        self._annotator_down = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reward-learner", daemon=True)
@@ -181,8 +366,17 @@ class RewardLearnerActor:
         while not self._stop.is_set():
             try:
                 labels, prefs = ray.get(self.annotator.poll_records.remote(), timeout=30)
+                if self._annotator_down:
+                    self._annotator_down = False
+                    logger.warning("reward learner: labels arrive again")
             except Exception as exc:  # noqa: BLE001 (an annotator outage only pauses learning)
-                logger.warning("reward learner: no labels this round (%s)", exc)
+                if not self._annotator_down:  # one line per change of state, not per round
+                    self._annotator_down = True
+                    logger.warning(
+                        "reward learner: the annotator does not answer (%s); learning goes on "
+                        "with the labels it has",
+                        str(exc).splitlines()[0][:300],
+                    )
                 labels, prefs = [], []
             with self._lock:
                 self.learner.add(labels, prefs)
@@ -219,11 +413,19 @@ class RemoteRewardLearner:
             state = runtime.checkpoint["learner"]["reward"]
         self.actor = (
             ray.remote(RewardLearnerActor)
-            .options(num_cpus=cfg.runtime.reward_learner_cpus, max_concurrency=4)
+            .options(
+                num_cpus=cfg.runtime.reward_learner_cpus,
+                max_concurrency=4,
+                max_restarts=-1,
+                max_task_retries=-1,
+            )
             .remote(cfg, runtime.annotator.actor, runtime.learner, state)
         )
         self.runtime = runtime
-        self._metrics = _LatestAnswer(self.actor.metrics, ("reward_learner_version",))
+        self._state = state
+        self._metrics = _LatestAnswer(
+            self.actor.metrics, ("reward_learner_version",), "reward learner actor"
+        )
 
     def metrics(self) -> dict[str, float]:
         """The latest metrics, plus how many snapshots the policy learner is behind."""
@@ -233,11 +435,19 @@ class RemoteRewardLearner:
             out["reward_snapshot_lag"] = out["reward_learner_version"] - used
         return out
 
-    def state_dict(self) -> dict:
-        """For the checkpoint."""
+    def state_dict(self) -> dict | None:
+        """For the checkpoint: the actor's state, or (if it does not answer) the last state it
+        gave; a dead helper never makes a checkpoint fail."""
         import ray
 
-        return ray.get(self.actor.state_dict.remote())
+        try:
+            self._state = ray.get(self.actor.state_dict.remote(), timeout=60)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning(
+                "reward learner state unavailable for this checkpoint (%s); keeping the last one",
+                str(exc).splitlines()[0][:300],
+            )
+        return self._state
 
     def close(self) -> None:
         """Stop the actor."""
@@ -255,7 +465,7 @@ class RayRuntime(Runtime):
 
     reward_snapshot_version: float | None = None
 
-    def _start_roles(self) -> None:
+    def _connect(self) -> None:
         import ray
 
         rt = self.cfg.runtime
@@ -278,6 +488,11 @@ class RayRuntime(Runtime):
                     log_to_driver=True,
                 )
             self._started_ray = True
+
+    def _start_roles(self) -> None:
+        import ray
+
+        rt = self.cfg.runtime
         gpus = rt.learner_gpus
         if gpus < 0:
             gpus = 1.0 if torch.cuda.is_available() or _cluster_has_gpu() else 0.0
@@ -377,7 +592,12 @@ class RayRuntime(Runtime):
         self._spawn_runner(index)
 
     def _start_annotator(self) -> RemoteAnnotator:
-        return RemoteAnnotator(self.cfg, self.annotator_store_path())
+        def forget(ids: list[int]) -> None:
+            for runner in getattr(self, "runners", []):
+                if runner is not None:
+                    runner.forget_captions.remote(ids)
+
+        return RemoteAnnotator(self.cfg, self.annotator_store_path(), forget)
 
     def _start_reward_learner(self) -> RemoteRewardLearner:
         return RemoteRewardLearner(self)

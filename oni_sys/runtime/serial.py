@@ -51,7 +51,8 @@ class SerialRuntime(Runtime):
         return LocalRewardLearner(self)
 
     def _stop_roles(self) -> None:
-        self.runner.close()
+        if getattr(self, "runner", None) is not None:
+            self.runner.close()
 
 
 class LocalRewardLearner:

@@ -13,7 +13,7 @@ from collections import deque
 import pytest
 from aiohttp import web
 
-from oni_sys.annotators.base import BackendError, Question
+from oni_sys.annotators.base import BackendError, FatalBackendError, Question
 from oni_sys.annotators.openai_backend import (
     OpenAIBackend,
     _AttemptFailed,
@@ -293,10 +293,10 @@ def test_refused_requests_fail_at_once_and_the_model_is_checked(
             backend = OpenAIBackend(server.base_url, MODEL, api_key_env=KEY_ENV, max_retries=5)
             async with backend:
                 assert backend.model_id == MODEL
-                with pytest.raises(BackendError, match="HTTP 400"):
+                with pytest.raises(FatalBackendError, match="HTTP 400"):
                     await backend.score(QUESTION)
             wrong = OpenAIBackend(server.base_url, "some-other-model", api_key_env=KEY_ENV)
-            with pytest.raises(BackendError, match=MODEL):
+            with pytest.raises(FatalBackendError, match=MODEL):
                 await wrong.start()
             await wrong.close()
             return backend.stats(), server
