@@ -1,15 +1,18 @@
-"""The in-process llama.cpp backend with the real embedded Gemma 3 270M."""
+"""The llamacpp backend (a child process) and its in-process scorer, with the real embedded
+Gemma 3 270M."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import statistics
+import threading
 import time
 
 import pytest
 
-from oni_sys.annotators.base import Question, UnparseableAnswer
+from oni_sys.annotators.base import FatalBackendError, Question
 from oni_sys.annotators.prompts import build_classification, build_ranking
 from oni_sys.config import AnnotatorConfig
 
@@ -25,8 +28,20 @@ def backend():
     from oni_sys.annotators.llamacpp_backend import LlamaCppBackend
 
     b = LlamaCppBackend(n_threads=1)
+    asyncio.run(b.start())
     yield b
     asyncio.run(b.close())
+
+
+@pytest.fixture(scope="module")
+def model():
+    from oni_sys.annotators.embedded_model import embedded_gguf_path
+    from oni_sys.annotators.llamacpp_model import LlamaCppModel
+
+    m = LlamaCppModel(embedded_gguf_path(), n_threads=1)
+    m.load()
+    yield m
+    m.close()
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +53,32 @@ def p_yes(backend, caption: str, cfg: AnnotatorConfig) -> float:
     return backend.score_sync(build_classification(caption, cfg)).probabilities()[0]
 
 
-def test_model_id_names_the_file_and_its_contents(backend):
-    name, digest = backend.model_id.split("@")
+def test_model_id_is_known_without_a_child():
+    from oni_sys.annotators.llamacpp_backend import LlamaCppBackend
+
+    fresh = LlamaCppBackend()
+    name, digest = fresh.model_id.split("@")
     assert name.endswith(".gguf") and len(digest) == 12
+    assert fresh.pid is None and fresh.state == "starting" and fresh.system_info is None
+    asyncio.run(fresh.close())
+    assert fresh.state == "down"
+
+
+def test_started_backend_reports_its_child(backend):
+    assert backend.state == "up" and backend.restarts == 0
+    assert backend.pid is not None and backend.pid != os.getpid()
+    os.kill(backend.pid, 0)  # alive
+    assert "CPU" in backend.system_info or "AVX" in backend.system_info, backend.system_info
+    assert asyncio.run(backend.start()) == backend.model_id  # idempotent
+
+
+def test_child_answers_equal_the_in_process_model(backend, model, cfg):
+    questions = [build_classification(c, cfg) for c in POSITIVES + NEGATIVES + [INJECTION]]
+    questions.append(build_ranking(POSITIVES[0], NEGATIVES[0], AnnotatorConfig(prompt="ranking")))
+    for q in questions:
+        child, local = backend.score_sync(q), model.score_sync(q)
+        assert child.logprobs == pytest.approx(local.logprobs, abs=1e-3)
+        assert child.meta["prompt_tokens"] == local.meta["prompt_tokens"]
 
 
 def test_clear_positives_score_higher_than_clear_negatives(backend, cfg):
@@ -97,9 +135,10 @@ def test_ranking_question(backend):
     assert sum(probs.probabilities()) == pytest.approx(1.0)
 
 
-def test_concurrent_calls_are_serialised(backend, cfg):
+def test_concurrent_calls_are_pipelined_and_answered_in_kind(backend, cfg):
     questions = [build_classification(c, cfg) for c in POSITIVES + NEGATIVES]
     expected = [backend.score_sync(q).logprobs for q in questions]
+    before = backend.stats["questions"]
 
     async def run():
         return await asyncio.gather(*(backend.score(q) for q in questions * 2))
@@ -107,32 +146,60 @@ def test_concurrent_calls_are_serialised(backend, cfg):
     got = asyncio.run(run())
     for i, scores in enumerate(got):
         assert scores.logprobs == pytest.approx(expected[i % len(questions)], abs=1e-3)
+    # blocking callers on several threads at once
+    results: dict[int, list[float]] = {}
+
+    def ask(i: int) -> None:
+        results[i] = backend.score_sync(questions[i]).logprobs
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, logprobs in results.items():
+        assert logprobs == pytest.approx(expected[i], abs=1e-3)
+    assert len(results) == len(questions)
+    assert backend.stats["questions"] == before + 3 * len(questions)
+    assert backend.stats["tokens_reused"] > backend.stats["tokens_evaluated"]
 
 
-def test_fast_path_not_logits_for_every_position(backend, cfg):
-    """Logits for every prompt position cost ~0.5 s a label here; the fast path ~25-50 ms."""
-    assert backend._llama._logits_all is False
+def test_fast_path_not_logits_for_every_position(backend, model, cfg):
+    """Logits for every prompt position cost ~0.5 s a label here; the fast path ~25-50 ms, and
+    the child process adds next to nothing to it."""
+    assert model.llama._logits_all is False
     backend.score_sync(build_classification("warm up", cfg))
-    times = []
-    for c in POSITIVES + NEGATIVES:
+    model.score_sync(build_classification("warm up", cfg))
+    child, local = [], []
+    for c in POSITIVES + NEGATIVES:  # interleaved, so other processes' load hits both alike
+        q = build_classification(c, cfg)
         t0 = time.perf_counter()
-        backend.score_sync(build_classification(c, cfg))
-        times.append(time.perf_counter() - t0)
-    assert statistics.median(times) < 0.25, times
+        backend.score_sync(q)
+        t1 = time.perf_counter()
+        model.score_sync(q)
+        child.append(t1 - t0)
+        local.append(time.perf_counter() - t1)
+    # on a busy machine both slow down alike: then compare the child with in-process
+    fast = statistics.median(child) < 0.25
+    assert fast or statistics.median(child) < 1.5 * statistics.median(local), (child, local)
 
 
-def test_multi_token_choice_is_refused(backend):
-    with pytest.raises(ValueError, match="exactly one token"):
+def test_multi_token_choice_is_fatal_and_the_child_lives_on(backend, cfg):
+    pid = backend.pid
+    with pytest.raises(FatalBackendError, match="exactly one token"):
         backend.score_sync(Question("Is it?", (" definitely yes", " no")))
+    assert backend.pid == pid and backend.state == "up"
+    assert p_yes(backend, "You kill the newt!", cfg) > 0.5
 
 
-def test_prompt_longer_than_the_context_is_unparseable():
+def test_prompt_longer_than_the_context_is_fatal():
     from oni_sys.annotators.llamacpp_backend import LlamaCppBackend
 
     small = LlamaCppBackend(n_ctx=256)
     try:
-        with pytest.raises(UnparseableAnswer, match="n_ctx=256"):
+        with pytest.raises(FatalBackendError, match=r"n_ctx=256; raise annotator\.n_ctx"):
             small.score_sync(build_classification("You kill the newt!", AnnotatorConfig()))
+        assert small.state == "up" and small.restarts == 0
     finally:
         asyncio.run(small.close())
 
@@ -142,14 +209,3 @@ def test_missing_model_file_is_one_sentence(tmp_path):
 
     with pytest.raises(ValueError, match="is not a GGUF file"):
         LlamaCppBackend(tmp_path / "nope.gguf")
-
-
-def test_file_that_is_not_a_model_is_one_sentence(tmp_path):
-    from oni_sys.annotators.llamacpp_backend import LlamaCppBackend
-
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"not a model" * 100)
-    backend = LlamaCppBackend(bad)
-    assert backend.model_id.startswith("bad.gguf@")
-    with pytest.raises(ValueError, match="llama.cpp cannot load"):
-        backend.score_sync(Question("Is it?", (" Yes", " No")))
