@@ -7,7 +7,7 @@ Results:      for each prompt variant, balanced accuracy (at the configured thre
               row, ``shipped``, is the default configuration: classification, goal ``score``,
               few-shot examples on, sentences split and combined with max, threshold 0.5.
 
-The reference file (``/work/shared/data/nethack_captions_dev.jsonl``, 40 messages) is only
+The reference file (``examples/data/nethack_captions_dev.jsonl``, 40 messages, a copy of the data shared with the project) is only
 measured on: the prompt's worked examples and the calibration messages below are our own.
 
 Results to expect (2-core CPU, Gemma 3 270M Q4_K_M, llama-cpp-python 0.3.36):
@@ -47,7 +47,7 @@ from oni_sys.annotators.normalise import caption_parts, combine_max
 from oni_sys.annotators.prompts import EXAMPLES, build_classification, build_ranking
 from oni_sys.config import AnnotatorConfig
 
-DEV = Path("/work/shared/data/nethack_captions_dev.jsonl")
+DEV = Path(__file__).resolve().parents[1] / "examples" / "data" / "nethack_captions_dev.jsonl"
 
 # Our own labelled messages (goal: score), written from general NetHack knowledge, disjoint from
 # the prompt's examples and from the reference file; used only to pick a calibrated threshold.

@@ -187,7 +187,7 @@ class CircuitBreaker:
                 self.rejections += 1
                 return False, False, remaining
             self.state = "half_open"
-            logger.info("circuit breaker half-open: sending one probe request")
+            logger.debug("circuit breaker half-open: sending one probe request")
         if not self._probe_in_flight:
             self._probe_in_flight = True
             return True, True, 0.0
@@ -225,7 +225,7 @@ class CircuitBreaker:
             self.opens += 1
             # the first opening is worth a warning; re-opening after a failed probe is routine
             logger.log(
-                logging.WARNING if self.state == "closed" else logging.INFO,
+                logging.WARNING if self.state == "closed" else logging.DEBUG,
                 "circuit breaker open (%s): holding requests back for %.1f s",
                 why,
                 self.cooldown_s,
@@ -771,7 +771,7 @@ class OpenAIBackend:
         if last_sent is not None and last_sent is not last:
             message += f"; last server failure ({last_sent.kind}): {last_sent.message}"
         message = self._key.redact(message)
-        logger.info("%s", message)  # the caller decides how loud a lost question is
+        logger.debug("%s", message)  # the caller (the service) says it once per outage
         raise BackendError(message) from None
 
     async def _attempt(

@@ -196,6 +196,7 @@ class AnnotationService:
         self._down_since: float | None = None
         self._last_error = ""
         self._failure: str | None = None
+        self._health_failures = 0
         self.extra_restarts = 0  # restarts of the process around the service (Ray actor)
         self._loop = asyncio.new_event_loop()
         self._wakeup: asyncio.Event | None = None
@@ -616,8 +617,12 @@ class AnnotationService:
                 f"see {TROUBLESHOOTING}"
             )
         except (BackendError, OSError, TimeoutError, asyncio.TimeoutError) as exc:
-            self._mark_down(str(exc) or type(exc).__name__)
+            # Two failed checks in a row (a slow answer under load is not an outage).
+            self._health_failures += 1
+            if self._health_failures >= 2:
+                self._mark_down(str(exc) or f"health check: {type(exc).__name__}")
         else:
+            self._health_failures = 0
             self._mark_up()
 
     async def _main(self) -> None:

@@ -124,6 +124,17 @@ class _LatestAnswer:
             self.down_since = None
 
 
+def _worker_logging() -> None:
+    """Give this Ray worker's ``oni_sys`` loggers the CLI's format and level (Ray forwards
+    worker output to the driver; without a handler only bare warnings would show)."""
+    root = logging.getLogger("oni_sys")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
 class AnnotatorActor:
     """The annotation service inside a Ray actor (its own thread keeps the LLM busy).
 
@@ -137,6 +148,7 @@ class AnnotatorActor:
 
         from oni_sys.annotators.service import AnnotationService
 
+        _worker_logging()
         self.service = AnnotationService(cfg.annotator, store_path)
         if ray.get_runtime_context().was_current_actor_reconstructed:
             owed = self.service.requeue_missing()
@@ -329,6 +341,7 @@ class RewardLearnerActor:
 
         from oni_sys.learners.reward_learner import RewardLearner
 
+        _worker_logging()
         torch.set_num_threads(cfg.runtime.torch_threads)
         self.cfg = cfg
         self.annotator = annotator
