@@ -1,10 +1,13 @@
-"""Annotator benchmark: labels per second against concurrency, and LLM questions per NetHack step.
+"""Annotator benchmark: labels per second against concurrency, llama.cpp in a child process
+against in-process, and LLM questions per NetHack step.
 
-How to run (about 5 minutes on a 2-core CPU; prints Markdown tables, progress on stderr):
+How to run (about 6 minutes on a 2-core CPU; prints Markdown tables, progress on stderr):
     .venv/bin/python benchmarks/annotator.py [--captions 48] [--concurrency 1,2,4,8]
-        [--n-threads 1] [--no-direct] [--stream-steps 200000] [--stream-envs 4] [--seed 0]
-        [--skip-throughput] [--skip-stream]
-    (docs/PERFORMANCE.md was made with ``--stream-steps 1000000``.)
+        [--n-threads 1] [--no-direct] [--child-rounds 5] [--child-in-flight 8]
+        [--stream-steps 200000] [--stream-envs 4] [--seed 0]
+        [--skip-throughput] [--skip-child] [--skip-stream]
+    (docs/PERFORMANCE.md was made with ``--stream-steps 1000000``; its child-process table with
+    ``--skip-throughput --skip-stream``.)
 
 Results to expect (2-core CPU shared with other jobs, no GPU, llama-cpp-python 0.3.36, 1 thread,
 Gemma 3 270M Q4_K_M, the shipped classification prompt of ~300 tokens):
@@ -13,10 +16,11 @@ Gemma 3 270M Q4_K_M, the shipped classification prompt of ~300 tokens):
       ~7 s at 8). Per request llama.cpp itself needs ~0.1 s; the rest is llama-cpp-python's
       ``logits_all`` logprobs path (full-vocabulary logits kept for every evaluated token, a
       log-softmax over all of them and a Python sort of the 262k-token vocabulary).
-    - in-process LlamaCppBackend: ~17-20 labels/s at any concurrency (one question at a time,
-      ~13 caption tokens evaluated after the cached ~290-token prefix, ~0.055 s each); through
-      the service at concurrency 1 only ~11-12 labels/s, because the service's loop notices a
-      free slot only at its next 50 ms tick; from concurrency 2 on the service adds ~nothing.
+    - LlamaCppBackend (llama.cpp in its child process since issue 9; in-process before):
+      ~17-20 labels/s at any concurrency (one question at a time, ~13 caption tokens evaluated
+      after the cached ~290-token prefix, ~0.055 s each); through the service at concurrency 1
+      only ~11-12 labels/s, because the service's loop notices a free slot only at its next
+      50 ms tick; from concurrency 2 on the service adds ~nothing.
     - random play, 1M steps: ~5,000 distinct normalised captions, ~2,200 questions with sentence
       split (-56%), ~2,150 with number templates too (-57%); still growing (~1,600 new questions
       per million steps at the end with the default split).
@@ -25,23 +29,32 @@ Part 1 (throughput) starts a real ``python -m llama_cpp.server`` on 127.0.0.1 (t
 Gemma 3 270M Q4_K_M, ``--logits_all true`` as the completions ``logprobs`` need, ``--n_threads``
 as given) and always stops it again, also on errors or Ctrl-C (and the kernel kills it if this
 process dies: ``PR_SET_PDEATHSIG``). Both backends, (a) ``OpenAIBackend`` against that server and
-(b) the in-process ``LlamaCppBackend`` with the same thread count, label the same ``--captions``
-distinct single-sentence NetHack-like captions at each concurrency, driven through
-:class:`~oni_sys.annotators.service.AnnotationService` (which owns the concurrency: it keeps
-``annotator.concurrency`` questions in flight; the ``OpenAIBackend`` gets the same HTTP
+(b) ``LlamaCppBackend`` (llama.cpp in its child process) with the same thread count, label the
+same ``--captions`` distinct single-sentence NetHack-like captions at each concurrency, driven
+through :class:`~oni_sys.annotators.service.AnnotationService` (which owns the concurrency: it
+keeps ``annotator.concurrency`` questions in flight; the ``OpenAIBackend`` gets the same HTTP
 concurrency). Every (backend, concurrency) cell uses a fresh store and a fresh backend, so every
 caption is a real LLM question; the captions are the same in every cell so the cells compare
 like with like. Neither backend can reuse work between captions beyond the shared prompt prefix
-(the in-process backend keeps exactly the caption-independent prefix; the server keeps only its
+(the llamacpp backend keeps exactly the caption-independent prefix; the server keeps only its
 previous prompt), so re-asking the same captions in a fresh store does not flatter later cells.
 One warm-up question per cell (model load, prefix evaluation, HTTP session) is not timed. The
 prompt is the shipped one: ``build_classification`` with ``AnnotatorConfig()`` defaults.
 labels/s = captions / (time of the last label - time of submission); latency is the time a
 question spends inside ``backend.score`` as the service measures it (queueing in the server or
-behind the in-process model lock included). The "direct" rows (skip with ``--no-direct``) call
-``LlamaCppBackend.score`` under an asyncio semaphore without the service, to show what the
-service costs. Cells run interleaved (server, in-process, direct at concurrency 1, then 2, ...)
+behind the questions pipelined to the child included). The "direct" rows (skip with
+``--no-direct``) call ``LlamaCppBackend.score`` under an asyncio semaphore without the service,
+to show what the service costs. Cells run interleaved (server, llamacpp, direct at concurrency 1, then 2, ...)
 so load from other processes hits the backends alike.
+
+Part 1b (child process against in-process) labels the same ``--captions`` with the in-process
+``LlamaCppModel`` (``score_sync`` in a loop) and with the child-process ``LlamaCppBackend`` (the
+same thread count), once with one question in flight (``score_sync`` in a loop: every answer
+crosses the pipe before the next question is asked) and once with ``--child-in-flight``
+questions pipelined (what the service does). Runs alternate A B C A B C ... for
+``--child-rounds`` rounds after one untimed warm-up question each, so other processes' load hits
+all alike; the table gives each run's labels/s, the medians and their ratio to in-process, and
+the largest difference between the two sides' log-probabilities.
 
 Part 2 (questions per million steps) plays NetHackScore with uniformly random actions in
 ``--stream-envs`` envs stepped in turn (each episode seeded), records each step's in-game message
@@ -222,14 +235,14 @@ def measure_direct(
 
 
 SERVER = "llama.cpp server (OpenAIBackend)"
-LOCAL = "in-process (LlamaCppBackend)"
-DIRECT = "in-process, direct (no service)"
+LOCAL = "child process (LlamaCppBackend)"
+DIRECT = "child process, direct (no service)"
 
 
 def run_throughput(args: argparse.Namespace) -> dict[tuple[str, int], dict[str, float]]:
     """Both backends at every concurrency, interleaved; prints the table, returns the cells.
 
-    The cells run in the order (server, in-process, direct) for concurrency 1, then for 2, ...:
+    The cells run in the order (server, llamacpp, direct) for concurrency 1, then for 2, ...:
     interleaved, so that load from other processes on a shared machine hits all backends alike.
     """
     from oni_sys.annotators.embedded_model import EMBEDDED_MODEL_ID, embedded_gguf_path
@@ -298,12 +311,106 @@ def run_throughput(args: argparse.Namespace) -> dict[tuple[str, int], dict[str, 
     reused = sum(r["backend_tokens_reused"] for r in local) / questions
     requests = len(args.concurrency) * (len(captions) + 1)
     print(
-        f"\nPrompt tokens per question: in-process {evaluated:.1f} evaluated + {reused:.1f} "
+        f"\nPrompt tokens per question: llama.cpp backend {evaluated:.1f} evaluated + {reused:.1f} "
         f"reused from the cached prefix; the server reused its previous prompt's prefix on "
         f"{hits} of {requests} requests (its log's 'prefix-match hit').",
         flush=True,
     )
     return cells
+
+
+# --------------------------------------------------------------------------------------------
+# part 1b: llama.cpp in a child process against in-process
+
+INPROCESS = "in-process LlamaCppModel"
+CHILD_SEQUENTIAL = "child process LlamaCppBackend, 1 in flight"
+
+
+def run_child_vs_inprocess(args: argparse.Namespace) -> dict[str, list[float]]:
+    """labels/s of the in-process model and the child-process backend, interleaved rounds."""
+    from oni_sys.annotators.embedded_model import embedded_gguf_path
+    from oni_sys.annotators.llamacpp_backend import LlamaCppBackend
+    from oni_sys.annotators.llamacpp_model import LlamaCppModel
+
+    cfg = AnnotatorConfig(n_threads=args.n_threads)
+    questions = [build_classification(c, cfg) for c in make_captions(args.captions, args.seed, cfg)]
+    warmup = build_classification(WARMUP_CAPTION, cfg)
+    pipelined = f"child process LlamaCppBackend, {args.child_in_flight} in flight"
+    model = LlamaCppModel(embedded_gguf_path(), n_ctx=cfg.n_ctx, n_threads=args.n_threads)
+    backend = LlamaCppBackend(None, n_ctx=cfg.n_ctx, n_threads=args.n_threads)
+    loop = asyncio.new_event_loop()
+    answers: dict[str, list[list[float]]] = {}
+
+    def in_process() -> list[list[float]]:
+        return [model.score_sync(q).logprobs for q in questions]
+
+    def child_sequential() -> list[list[float]]:
+        return [backend.score_sync(q).logprobs for q in questions]
+
+    def child_pipelined() -> list[list[float]]:
+        async def run() -> list[list[float]]:
+            semaphore = asyncio.Semaphore(args.child_in_flight)
+
+            async def one(q: Any) -> list[float]:
+                async with semaphore:
+                    return (await backend.score(q)).logprobs
+
+            return await asyncio.gather(*(one(q) for q in questions))
+
+        return loop.run_until_complete(run())
+
+    variants = {
+        INPROCESS: in_process,
+        CHILD_SEQUENTIAL: child_sequential,
+        pipelined: child_pipelined,
+    }
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        model.load()
+        model.score_sync(warmup)
+        loop.run_until_complete(backend.start())
+        backend.score_sync(warmup)
+        for round_ in range(args.child_rounds):
+            for name, run in variants.items():
+                t0 = time.perf_counter()
+                answers[name] = run()
+                rates[name].append(len(questions) / (time.perf_counter() - t0))
+                print(
+                    f"  [round {round_ + 1}, {name}: {rates[name][-1]:.2f} labels/s, "
+                    f"load average {os.getloadavg()[0]:.2f}]",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        restarts = backend.restarts
+    finally:
+        loop.run_until_complete(backend.close())
+        loop.close()
+        model.close()
+    diff = max(
+        abs(a - b)
+        for name in (CHILD_SEQUENTIAL, pipelined)
+        for got, want in zip(answers[name], answers[INPROCESS])
+        for a, b in zip(got, want)
+    )
+    base = float(np.median(rates[INPROCESS]))
+    print(
+        f"\n### llama.cpp in a child process against in-process ({len(questions)} distinct "
+        f"captions, {args.n_threads} llama.cpp thread(s), {args.child_rounds} interleaved rounds)\n"
+    )
+    print("| variant | labels/s in each round | median labels/s | ratio to in-process |")
+    print("|---|---|---:|---:|")
+    for name, values in rates.items():
+        median = float(np.median(values))
+        runs = ", ".join(f"{v:.2f}" for v in values)
+        print(f"| {name} | {runs} | {median:.2f} | {median / base:.3f} |")
+    paired = [c / a for c, a in zip(rates[pipelined], rates[INPROCESS])]
+    print(
+        f"\nMedian of the per-round ratios ({pipelined} / in-process): "
+        f"{float(np.median(paired)):.3f}; largest |log-probability difference| between the "
+        f"child's and the in-process answers: {diff:.2e}; child restarts: {restarts}.",
+        flush=True,
+    )
+    return rates
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,9 +527,18 @@ def main() -> None:
         "--n-threads",
         type=int,
         default=AnnotatorConfig().n_threads,
-        help="llama.cpp threads, for the server and in-process alike (default: annotator.n_threads)",
+        help="llama.cpp threads, for every llama.cpp alike (default: annotator.n_threads)",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per cell")
+    parser.add_argument(
+        "--child-rounds", type=int, default=5, help="interleaved rounds of part 1b (default 5)"
+    )
+    parser.add_argument(
+        "--child-in-flight",
+        type=int,
+        default=8,
+        help="questions pipelined to the child process in part 1b (default 8)",
+    )
     parser.add_argument("--stream-steps", type=int, default=200_000, help="NetHack steps played")
     parser.add_argument("--stream-envs", type=int, default=4, help="NetHack envs stepped in turn")
     parser.add_argument("--seed", type=int, default=0)
@@ -430,9 +546,10 @@ def main() -> None:
         "--no-direct",
         dest="direct",
         action="store_false",
-        help="skip the in-process rows that call the backend directly, without the service",
+        help="skip the llamacpp rows that call the backend directly, without the service",
     )
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-child", action="store_true", help="skip part 1b")
     parser.add_argument("--skip-stream", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -444,6 +561,8 @@ def main() -> None:
     start = time.perf_counter()
     if not args.skip_throughput:
         run_throughput(args)
+    if not args.skip_child:
+        run_child_vs_inprocess(args)
     if not args.skip_stream:
         run_stream(args)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
