@@ -228,6 +228,19 @@ class LlamaCppBackend:
         self._raise_if_down()
         return self.model_id
 
+    async def health(self) -> None:
+        """Returns when the child is up (spawning it if need be).
+
+        Raises:
+            FatalBackendError: the backend is down or closed.
+            BackendError: the child is starting or restarting.
+        """
+        self._ensure_supervisor()
+        self._raise_if_down()
+        state = self._state
+        if state != "up":
+            raise BackendError(f"the llama.cpp process is {state}")
+
     async def score(self, question: Question) -> ChoiceScores:
         """Log-probabilities of ``question.choices`` as the next token after the prompt.
 

@@ -61,7 +61,9 @@ def test_model_id_is_known_without_a_child():
     assert name.endswith(".gguf") and len(digest) == 12
     assert fresh.pid is None and fresh.state == "starting" and fresh.system_info is None
     asyncio.run(fresh.close())
-    assert fresh.state == "down"
+    assert fresh.state == "down" and fresh.pid is None
+    with pytest.raises(FatalBackendError, match="closed"):
+        asyncio.run(fresh.health())
 
 
 def test_started_backend_reports_its_child(backend):
@@ -70,6 +72,7 @@ def test_started_backend_reports_its_child(backend):
     os.kill(backend.pid, 0)  # alive
     assert "CPU" in backend.system_info or "AVX" in backend.system_info, backend.system_info
     assert asyncio.run(backend.start()) == backend.model_id  # idempotent
+    asyncio.run(backend.health())
 
 
 def test_child_answers_equal_the_in_process_model(backend, model, cfg):

@@ -185,6 +185,8 @@ def test_in_flight_questions_fail_with_the_signal_then_it_gives_up(caplog):
             backend.score_sync(questions[1])
         with pytest.raises(FatalBackendError, match="giving up"):
             asyncio.run(backend.score(questions[2]))
+        with pytest.raises(FatalBackendError, match="giving up"):
+            asyncio.run(backend.health())
         assert backend.restarts == 1 and backend.pid is None
     finally:
         asyncio.run(backend.close())
