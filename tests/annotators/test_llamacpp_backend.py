@@ -8,7 +8,6 @@ import math
 import os
 import statistics
 import threading
-import time
 
 import pytest
 
@@ -168,23 +167,14 @@ def test_concurrent_calls_are_pipelined_and_answered_in_kind(backend, cfg):
 
 
 def test_fast_path_not_logits_for_every_position(backend, model, cfg):
-    """Logits for every prompt position cost ~0.5 s a label here; the fast path ~25-50 ms, and
-    the child process adds next to nothing to it."""
+    """Logits for every prompt position cost ~0.5 s a label here (the fast path ~25-50 ms; the
+    child against in-process is measured in benchmarks/annotator.py): the model keeps logits of
+    the last position only, and a caption evaluates only its own tokens after the cached prefix."""
     assert model.llama._logits_all is False
     backend.score_sync(build_classification("warm up", cfg))
-    model.score_sync(build_classification("warm up", cfg))
-    child, local = [], []
-    for c in POSITIVES + NEGATIVES:  # interleaved, so other processes' load hits both alike
-        q = build_classification(c, cfg)
-        t0 = time.perf_counter()
-        backend.score_sync(q)
-        t1 = time.perf_counter()
-        model.score_sync(q)
-        child.append(t1 - t0)
-        local.append(time.perf_counter() - t1)
-    # on a busy machine both slow down alike: then compare the child with in-process
-    fast = statistics.median(child) < 0.25
-    assert fast or statistics.median(child) < 1.5 * statistics.median(local), (child, local)
+    for c in POSITIVES + NEGATIVES:
+        meta = backend.score_sync(build_classification(c, cfg)).meta
+        assert meta["evaluated_tokens"] < meta["prompt_tokens"] / 4, meta
 
 
 def test_multi_token_choice_is_fatal_and_the_child_lives_on(backend, cfg):
