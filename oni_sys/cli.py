@@ -19,7 +19,8 @@ logger = logging.getLogger("oni_sys")
 USAGE = """oni-sys train CONFIG [key=value ...]     train (e.g. oni-sys train configs/cartpole.yaml algo.lr=3e-4)
 oni-sys eval RUN_DIR [key=value ...]     evaluate the latest checkpoint (e.g. episodes=10)
 oni-sys annotate FILE [key=value ...]    label captions (.txt: one a line, .jsonl: {"caption": ...})
-oni-sys labels STORE [--reference FILE]  summarise a label store, agreement with a reference"""
+oni-sys labels STORE [--reference FILE]  summarise a label store, agreement with a reference
+oni-sys doctor [key=value ...]           check versions, llama.cpp build, annotator, Ray, NLE, GPU"""
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
@@ -209,6 +210,17 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check what a run needs on this machine; exit code 1 when a needed check fails."""
+    from oni_sys.config import load_config
+    from oni_sys.doctor import run_doctor
+
+    cfg = load_config(None, _annotator_overrides(args.overrides))
+    # The report is the output; INFO logs of Ray and the backends would bury it.
+    logging.getLogger().setLevel(logging.WARNING)
+    return run_doctor(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``oni-sys`` console script."""
     parser = argparse.ArgumentParser(prog="oni-sys", usage=USAGE)
@@ -232,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     p_labels.add_argument("--reference", help='JSONL of {"caption": ..., "label": 0|1}')
     p_labels.add_argument("--version", help="annotator version (default: every one stored)")
     p_labels.set_defaults(func=cmd_labels)
+    p_doctor = sub.add_parser("doctor", help="check what a run needs on this machine")
+    p_doctor.add_argument(
+        "overrides", nargs="*", help="annotator keys as for annotate, e.g. backend=openai model=x"
+    )
+    p_doctor.set_defaults(func=cmd_doctor)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
