@@ -26,7 +26,8 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 endif
 # The build llama-cpp-python in .venv was made with, recorded after it was built. When it differs
 # from the one asked for (or is missing: a venv made another way) setup rebuilds llama-cpp-python;
-# pip's wheel cache is keyed by the sdist only (not CMAKE_ARGS), hence --no-cache-dir.
+# pip's wheel cache is keyed by the sdist only (not CMAKE_ARGS), hence --no-cache-dir; and
+# --no-binary, so that a prebuilt wheel of unknown flags is never taken instead of compiling.
 LLAMA_STAMP := $(VENV)/.llama-cpp-build
 LLAMA_WANT  := $(LLAMA_BUILD) $(LLAMA_CPP) $(LLAMA_CMAKE_ARGS)
 comma := ,
@@ -54,7 +55,7 @@ ifdef LLAMA_REBUILD
 	@echo "building $(LLAMA_CPP), $(LLAMA_BUILD) build (compiles llama.cpp: several minutes)"
 	rm -f $(LLAMA_STAMP)
 	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/python -m pip install --quiet --force-reinstall \
-		--no-deps --no-cache-dir '$(LLAMA_CPP)'
+		--no-deps --no-cache-dir --no-binary llama-cpp-python '$(LLAMA_CPP)'
 	echo '$(LLAMA_WANT)' > $(LLAMA_STAMP)
 endif
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'

@@ -16,6 +16,9 @@ from oni_sys.config import ConfigError
 
 logger = logging.getLogger("oni_sys")
 
+#: exit code when the annotator a run needs cannot answer (at start, or for too long)
+EXIT_ANNOTATOR = 3
+
 USAGE = """oni-sys train CONFIG [key=value ...]     train (e.g. oni-sys train configs/cartpole.yaml algo.lr=3e-4)
 oni-sys eval RUN_DIR [key=value ...]     evaluate the latest checkpoint (e.g. episodes=10)
 oni-sys annotate FILE [key=value ...]    label captions (.txt: one a line, .jsonl: {"caption": ...})
@@ -57,6 +60,11 @@ class ProgressBar:
                 else ""
             )
             + (
+                f" annotator down {_fmt(row.get('annotator_outage_s'), '.0f')} s"
+                if row.get("annotator_up") == 0
+                else ""
+            )
+            + (
                 f" r_int={_fmt(row['intrinsic_reward_mean'], '.4f')}"
                 f" int_return={_fmt(row.get('intrinsic_return_mean'), '.2f')}"
                 if "intrinsic_reward_mean" in row
@@ -73,6 +81,7 @@ class ProgressBar:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train from a config file plus overrides."""
+    from oni_sys.annotators.preflight import AnnotatorUnavailable
     from oni_sys.config import load_config
     from oni_sys.runtime import make_runtime
 
@@ -83,7 +92,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         runtime.setup()
         bar.bar.n = runtime.tracker.env_steps
         logger.info("run directory: %s", runtime.run_path)
-        run_dir = runtime.run()
+        try:
+            run_dir = runtime.run()
+        except AnnotatorUnavailable as exc:
+            raise AnnotatorUnavailable(
+                f"{exc}. The run stopped with a checkpoint; continue it with "
+                f"resume={runtime.run_path}"
+            ) from None
     finally:
         bar.close()
     t = runtime.tracker
@@ -159,6 +174,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from oni_sys.annotators.preflight import AnnotatorUnavailable
     from oni_sys.annotators.report import labels_report
     from oni_sys.annotators.service import AnnotationService
     from oni_sys.config import load_config
@@ -169,6 +185,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     store = Path(cfg.annotator.store or Path(cfg.runs_dir) / "labels.sqlite")
     service = AnnotationService(cfg.annotator, store)
     try:
+        service.preflight()
         ids = [caption_id(c) for c in captions]
         seen = Counter(ids)
         service.submit(dict(zip(ids, captions)), dict(seen))
@@ -177,6 +194,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             total=total, unit="question", file=sys.stderr, disable=not sys.stderr.isatty()
         ) as bar:
             while not service.wait_idle(timeout=0.5):
+                if service.failure():
+                    raise AnnotatorUnavailable(service.failure())
                 m = service.metrics()
                 bar.n = max(0, total - m["annotator_queue"] - m["annotator_in_flight"])
                 bar.set_postfix_str(f"labels/s={m['labels_per_s']:.1f}", refresh=True)
@@ -255,12 +274,17 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from oni_sys.annotators.preflight import AnnotatorUnavailable
+
     try:
         return args.func(args)
     except ConfigError as exc:
         for err in exc.errors:
             print(f"config error: {err}", file=sys.stderr)
         return 2
+    except AnnotatorUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ANNOTATOR
 
 
 if __name__ == "__main__":

@@ -24,3 +24,32 @@ def train(tmp_path):
         return runtime, run_dir, read_metrics(run_dir / "metrics.jsonl")
 
     return run
+
+
+@pytest.fixture
+def llm_server(tmp_path):
+    """A real ``python -m llama_cpp.server`` (embedded Gemma 3 270M) of the test's own, which
+    the test may stop and start; always stopped at the end."""
+    pytest.importorskip("llama_cpp.server")
+    from oni_sys.annotators.embedded_model import EMBEDDED_MODEL_ID, embedded_gguf_path
+    from oni_sys.annotators.llamacpp_server import LlamaCppServer
+
+    server = LlamaCppServer(embedded_gguf_path(), tmp_path / "server.log", EMBEDDED_MODEL_ID)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def llm_overrides(llm_server) -> list[str]:
+    """Config overrides that point the annotator at :func:`llm_server`."""
+    from oni_sys.annotators.embedded_model import EMBEDDED_MODEL_ID
+
+    return [
+        "annotator.backend=openai",
+        f"annotator.base_url={llm_server.base_url}",
+        f"annotator.model={EMBEDDED_MODEL_ID}",
+        "annotator.timeout_s=20",
+    ]

@@ -23,31 +23,6 @@ pytest.importorskip("llama_cpp.server")
 OUTAGE_S = 60.0
 
 
-@pytest.fixture
-def llm_server(tmp_path):
-    """A llama.cpp server of our own (the test stops it); always stopped at the end."""
-    from oni_sys.annotators.embedded_model import EMBEDDED_MODEL_ID, embedded_gguf_path
-    from oni_sys.annotators.llamacpp_server import LlamaCppServer
-
-    server = LlamaCppServer(embedded_gguf_path(), tmp_path / "server.log", EMBEDDED_MODEL_ID)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def _openai(server) -> list[str]:
-    from oni_sys.annotators.embedded_model import EMBEDDED_MODEL_ID
-
-    return [
-        "annotator.backend=openai",
-        f"annotator.base_url={server.base_url}",
-        f"annotator.model={EMBEDDED_MODEL_ID}",
-        "annotator.timeout_s=20",
-    ]
-
-
 def _stored(run_dir, version=None) -> tuple[dict[int, str], dict]:
     """Every caption text in the run's store, and the labels of ``version`` (default: the only
     version stored)."""
@@ -57,7 +32,7 @@ def _stored(run_dir, version=None) -> tuple[dict[int, str], dict]:
 
 
 @pytest.mark.slow
-def test_llm_server_stopped_for_a_minute_in_a_ray_run(tmp_path, llm_server, capfd):
+def test_llm_server_stopped_for_a_minute_in_a_ray_run(tmp_path, llm_server, llm_overrides, capfd):
     cfg = load_config(
         "configs/keydoor.yaml",
         [
@@ -66,7 +41,7 @@ def test_llm_server_stopped_for_a_minute_in_a_ray_run(tmp_path, llm_server, capf
             "runtime.kind=ray",
             "train.total_env_steps=100000000",  # ended by the reporter once the LLM is back
             "train.log_every_updates=5",
-            *_openai(llm_server),
+            *llm_overrides,
         ],
     )
     events: dict[str, float] = {}
@@ -172,7 +147,9 @@ def test_annotator_actor_killed_in_a_ray_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_outage_longer_than_max_outage_s_stops_with_a_checkpoint(tmp_path, llm_server):
+def test_outage_longer_than_max_outage_s_stops_with_a_checkpoint(
+    tmp_path, llm_server, llm_overrides
+):
     cfg = load_config(
         "configs/keydoor.yaml",
         [
@@ -181,7 +158,7 @@ def test_outage_longer_than_max_outage_s_stops_with_a_checkpoint(tmp_path, llm_s
             "train.total_env_steps=100000000",
             "train.log_every_updates=5",
             "annotator.max_outage_s=15",
-            *_openai(llm_server),
+            *llm_overrides,
         ],
     )
     stopped: list[float] = []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+
+from oni_sys.config import load_config
+from oni_sys.runtime import make_runtime
+from oni_sys.runtime.run_dir import read_metrics
 
 FAST = ["model.hidden_size=64", "train.log_every_updates=5"]
 
@@ -25,22 +27,29 @@ def test_full_loop_nethack_ray_embedded_gemma(train):
 
 
 @pytest.mark.parametrize("kind", ["serial", pytest.param("ray", marks=pytest.mark.slow)])
-def test_no_labels_means_zero_intrinsic_reward_and_no_waiting(train, kind):
-    """The LLM is unreachable: training runs its whole budget and every intrinsic reward is 0."""
-    with socket.socket() as s:  # a port nothing listens on: every request is refused
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-    _, run_dir, rows = train(
+def test_no_labels_means_zero_intrinsic_reward_and_no_waiting(
+    tmp_path, llm_server, llm_overrides, kind
+):
+    """The LLM answers the start-up question, then goes away for good: training runs its whole
+    budget without waiting, every intrinsic reward is 0, and the metrics say the annotator is
+    down (the outage is shorter than annotator.max_outage_s)."""
+    cfg = load_config(
         "configs/oni/small/score_hashing.yaml",
-        *FAST,
-        f"runtime.kind={kind}",
-        "train.total_env_steps=10000",
-        "annotator.backend=openai",
-        f"annotator.base_url=http://127.0.0.1:{dead}/v1",
-        "annotator.model=unreachable",
-        "annotator.timeout_s=1",
-        "annotator.max_retries=1",
+        [
+            f"runs_dir={tmp_path}",
+            "train.progress=false",
+            *FAST,
+            f"runtime.kind={kind}",
+            "train.total_env_steps=10000",
+            *llm_overrides,
+            "annotator.max_retries=1",  # a failed question tells at once that it is down
+        ],
     )
+    runtime = make_runtime(cfg)
+    runtime.setup()  # the annotator answered one real question
+    llm_server.kill()  # and now nothing answers
+    run_dir = runtime.run()
+    rows = read_metrics(run_dir / "metrics.jsonl")
     assert rows[-1]["env_steps"] >= 10000
     assert all(r.get("labels_total") in (0, None) for r in rows)
     assert all(r["intrinsic_reward_mean"] == 0.0 for r in rows if "intrinsic_reward_mean" in r)
@@ -48,3 +57,4 @@ def test_no_labels_means_zero_intrinsic_reward_and_no_waiting(train, kind):
         r["intrinsic_reward_nonzero"] == 0.0 for r in rows if "intrinsic_reward_nonzero" in r
     )
     assert all((r.get("reward_snapshot_version") or 0) == 0 for r in rows)
+    assert any(r.get("annotator_up") == 0 for r in rows)
