@@ -310,7 +310,15 @@ class AnnotationService:
             raise AnnotatorUnavailable(result.sentence(self.cfg))
         info = getattr(self.backend, "system_info", None)
         if info:
-            logger.info("llama.cpp system info: %s", info)
+            from oni_sys.annotators.llamacpp_build import judge
+
+            verdict = judge(info)
+            logger.log(
+                logging.INFO if verdict.portable else logging.WARNING,
+                "llama.cpp: %s (%s)",
+                verdict.sentence(),
+                info.strip(),
+            )
         logger.info("%s", result.sentence(self.cfg))
         return result
 
