@@ -135,6 +135,19 @@ def _worker_logging() -> None:
         root.setLevel(logging.INFO)
 
 
+def _actor_restarted() -> bool:
+    """True in an actor that Ray restarted after its process died."""
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():
+        # Ray 2.60 reads the restart count through its deprecated ray.state API and says so
+        # once per actor; the property itself is the documented way to ask.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 class AnnotatorActor:
     """The annotation service inside a Ray actor (its own thread keeps the LLM busy).
 
@@ -144,13 +157,12 @@ class AnnotatorActor:
     """
 
     def __init__(self, cfg: Config, store_path: str):
-        import ray
 
         from oni_sys.annotators.service import AnnotationService
 
         _worker_logging()
         self.service = AnnotationService(cfg.annotator, store_path)
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        if _actor_restarted():
             owed = self.service.requeue_missing()
             self.service.republish_stored()
             logger.warning(
@@ -349,7 +361,7 @@ class RewardLearnerActor:
         self.learner = RewardLearner(cfg)
         if state is not None:
             self.learner.load_state_dict(state)
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        if _actor_restarted():
             # The labels the old process had learned from are in the store; the snapshots it
             # published are in use, so this one's versions continue above them.
             try:
@@ -407,6 +419,10 @@ class RewardLearnerActor:
         """For the checkpoint (between rounds)."""
         with self._lock:
             return self.learner.state_dict()
+
+    def pid(self) -> int:
+        """Process id (tests use it to kill the reward learner)."""
+        return os.getpid()
 
     def close(self) -> None:
         """Stop the loop."""

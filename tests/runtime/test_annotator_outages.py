@@ -179,3 +179,44 @@ def test_outage_longer_than_max_outage_s_stops_with_a_checkpoint(
     assert (runtime.run_path / "checkpoints" / "latest.pt").is_file()
     rows = read_metrics(runtime.run_path / "metrics.jsonl")
     assert rows[-1]["annotator_up"] == 0
+
+
+@pytest.mark.slow
+def test_reward_learner_actor_killed_in_a_ray_run(tmp_path):
+    """Ray restarts the reward learner; it rebuilds its data from the label store and publishes
+    snapshots newer than the one in use; checkpoints keep working."""
+    import ray
+    import torch
+
+    cfg = load_config(
+        "configs/keydoor.yaml",
+        [
+            f"runs_dir={tmp_path}",
+            "train.progress=false",
+            "runtime.kind=ray",
+            "train.total_env_steps=100000000",  # ended by the reporter
+            "train.log_every_updates=5",
+        ],
+    )
+    events: dict = {}
+
+    def reporter(row):
+        used = row.get("reward_snapshot_version") or 0
+        actor = runtime.reward_learner.actor
+        if "killed" not in events and used >= 1:
+            events.update(pid=ray.get(actor.pid.remote()), used=used, killed=time.monotonic())
+            os.kill(events["pid"], signal.SIGKILL)
+        elif "killed" in events and used > events["used"]:
+            events["new_pid"] = ray.get(actor.pid.remote(), timeout=60)
+            runtime.cfg.train.total_env_steps = runtime.tracker.env_steps  # done: finish
+        if "killed" in events and time.monotonic() - events["killed"] > 300:
+            raise AssertionError(f"the reward learner did not come back; last row {row}")
+
+    runtime = make_runtime(cfg, reporter)
+    runtime.setup()
+    run_dir = runtime.run()
+    assert events["new_pid"] != events["pid"]
+    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    assert ckpt["learner"]["reward"]["model"]["version"] > events["used"]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[-1]["reward_snapshot_version"] > events["used"]
