@@ -197,7 +197,6 @@ class AnnotationService:
         self._last_error = ""
         self._failure: str | None = None
         self._health_failures = 0
-        self.extra_restarts = 0  # restarts of the process around the service (Ray actor)
         self._loop = asyncio.new_event_loop()
         self._wakeup: asyncio.Event | None = None
         self._stopping = False
@@ -282,8 +281,9 @@ class AnnotationService:
         }
 
     def restarts(self) -> int:
-        """Restarts of the LLM's process (llama.cpp child) and of the service's own process."""
-        return int(getattr(self.backend, "restarts", 0)) + self.extra_restarts
+        """Restarts of the LLM's process (the llama.cpp child); the Ray driver adds the
+        annotator actor's own restarts."""
+        return int(getattr(self.backend, "restarts", 0))
 
     def outage_seconds(self) -> float:
         """How long the annotator has been unable to answer (0 while it answers)."""

@@ -157,7 +157,6 @@ class AnnotatorActor:
     """
 
     def __init__(self, cfg: Config, store_path: str):
-
         from oni_sys.annotators.service import AnnotationService
 
         _worker_logging()
