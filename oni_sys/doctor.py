@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from oni_sys.annotators.preflight import one_line
+
 logger = logging.getLogger(__name__)
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -93,13 +95,8 @@ class Report:
         return f"doctor: everything a default run needs works{note}"
 
 
-def _one_line(text: object, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _error(exc: BaseException) -> str:
-    return _one_line(f"{type(exc).__name__}: {exc}")
+    return one_line(f"{type(exc).__name__}: {exc}", 300)
 
 
 def _version(dist: str) -> str | None:
@@ -146,7 +143,7 @@ def check_llama_build(needed: bool) -> list[Check]:
         verdict = llamacpp_build.check_build(isolated=True)
     except Exception as exc:  # noqa: BLE001 (one line, whatever went wrong)
         status = FAIL if needed else WARN
-        return [Check(status, "llama.cpp", _one_line(exc), needed=needed)]
+        return [Check(status, "llama.cpp", one_line(exc, 300), needed=needed)]
     checks = [Check(OK, "llama.cpp", verdict.line.rstrip(" |") or "(empty system info)")]
     recorded = llamacpp_build.recorded_build()
     if recorded and recorded.split()[0] == "native" and verdict.portable:

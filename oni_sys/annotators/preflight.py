@@ -77,14 +77,15 @@ async def probe_backend(backend: Backend, cfg, timeout_s: float) -> ProbeResult:
             False, time.perf_counter() - start, error=f"no answer in {timeout_s:g} s"
         )
     except (BackendError, FatalBackendError) as exc:
-        return ProbeResult(False, time.perf_counter() - start, error=_one_line(str(exc)))
+        return ProbeResult(False, time.perf_counter() - start, error=one_line(str(exc)))
     except Exception as exc:  # noqa: BLE001 (whatever broke, the user gets one sentence)
         return ProbeResult(
-            False, time.perf_counter() - start, error=f"{type(exc).__name__}: {_one_line(str(exc))}"
+            False, time.perf_counter() - start, error=f"{type(exc).__name__}: {one_line(str(exc))}"
         )
     return ProbeResult(True, time.perf_counter() - start, p_first=p_first)
 
 
-def _one_line(text: str, limit: int = 400) -> str:
-    text = " ".join(text.split())
+def one_line(text: object, limit: int = 400) -> str:
+    """``text`` with its whitespace collapsed onto one line, cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
