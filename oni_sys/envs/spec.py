@@ -42,6 +42,7 @@ from typing import Any
 import gymnasium as gym
 
 import oni_sys.envs.keydoor  # noqa: F401  (registers gym:oni_sys/KeyDoor-v0)
+import oni_sys.envs.vault  # noqa: F401  (registers gym:oni_sys/Vault-v0)
 
 # Re-exported for compatibility: captioners used to live here.
 from oni_sys.envs.captioners import (  # noqa: F401
