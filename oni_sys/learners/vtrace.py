@@ -111,6 +111,7 @@ def appo_loss(
     rho_bar: float = 1.0,
     c_bar: float = 1.0,
     normalize_advantages: bool = True,
+    advantage_std_floor: float = 0.0,
     mask: torch.Tensor | None = None,
     logp_entropy: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     | None = None,
@@ -123,6 +124,9 @@ def appo_loss(
     behaviour_logp [T, B] (actor's log mu(a|x)), values [T, B] with grad, bootstrap_value [B]
     (may carry grad; detached here, it only serves as a target). mask [T, B] bool/float selects
     valid entries (None = all) for every mean. The rho_pg_bar of V-trace is set to rho_bar.
+
+    ``normalize_advantages`` subtracts the advantages' mean and divides by
+    ``max(std, advantage_std_floor)`` (a floor of 0 is the classic ``std + 1e-8``).
 
     Masked-out entries have their reward treated as 0 inside V-trace so it cannot reach earlier
     targets; the recursion still runs through them, so a step after which bootstrapping must stop
@@ -154,7 +158,10 @@ def appo_loss(
         # Statistics over valid entries only, so padding does not shift or shrink them.
         mean = _masked_mean(adv, mask)
         var = _masked_mean((adv - mean) ** 2, mask)
-        adv = (adv - mean) / (var.sqrt() + 1e-8)
+        # Divided by max(std, floor): a batch whose advantages are all smaller than the floor
+        # (no reward seen yet: value noise only) keeps its scale instead of being blown up to
+        # unit size (docs/ALGORITHM.md, "Advantage normalisation").
+        adv = (adv - mean) / torch.clamp(var.sqrt(), min=max(advantage_std_floor, 1e-8))
 
     # PPO clipped surrogate, maximised -> negated for a loss.
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) * adv)
