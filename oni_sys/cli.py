@@ -23,6 +23,7 @@ USAGE = """oni-sys train CONFIG [key=value ...]     train (e.g. oni-sys train co
 oni-sys eval RUN_DIR [key=value ...]     evaluate the latest checkpoint (e.g. episodes=10)
 oni-sys annotate FILE [key=value ...]    label captions (.txt: one a line, .jsonl: {"caption": ...})
 oni-sys labels STORE [--reference FILE]  summarise a label store, agreement with a reference
+oni-sys rewards RUN [--top N]            captions by intrinsic reward earned (reward hacking?)
 oni-sys doctor [key=value ...]           check versions, llama.cpp build, annotator, Ray, NLE, GPU"""
 
 
@@ -30,6 +31,10 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return format(value, spec)
+
+
+def _share(value: Any) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 class ProgressBar:
@@ -62,6 +67,11 @@ class ProgressBar:
             + (
                 f" annotator down {_fmt(row.get('annotator_outage_s'), '.0f')} s"
                 if row.get("annotator_up") == 0
+                else ""
+            )
+            + (
+                f" REWARD HACKING? top caption {_share(row.get('intrinsic_top_caption_share'))}"
+                if row.get("reward_hacking_suspected") == 1
                 else ""
             )
             + (
@@ -229,6 +239,20 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rewards(args: argparse.Namespace) -> int:
+    """Captions of a run by intrinsic reward earned."""
+    from oni_sys.reward_report import rewards_report
+
+    top = int(args.top) if args.top.isdigit() else 0
+    if top < 1:
+        raise ConfigError([f"--top: expected a positive integer, got {args.top!r}"])
+    try:
+        print(rewards_report(Path(args.run_dir), top), end="")
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check what a run needs on this machine; exit code 1 when a needed check fails."""
     from oni_sys.config import load_config
@@ -263,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     p_labels.add_argument("--reference", help='JSONL of {"caption": ..., "label": 0|1}')
     p_labels.add_argument("--version", help="annotator version (default: every one stored)")
     p_labels.set_defaults(func=cmd_labels)
+    p_rewards = sub.add_parser("rewards", help="captions of a run by intrinsic reward earned")
+    p_rewards.add_argument("run_dir", help="a run directory, e.g. runs/vault")
+    p_rewards.add_argument("--top", default="20", help="how many captions (default 20)")
+    p_rewards.set_defaults(func=cmd_rewards)
     p_doctor = sub.add_parser("doctor", help="check what a run needs on this machine")
     p_doctor.add_argument(
         "overrides", nargs="*", help="annotator keys as for annotate, e.g. backend=openai model=x"

@@ -247,6 +247,21 @@ class RewardConfig:
     round_interval_s: float = _f(
         0.2, min=0.0, help="ray: pause between the reward learner's rounds (leaves CPU to others)"
     )
+    hacking_share: float = _f(
+        0.8,
+        gt=0.0,
+        max=1.0,
+        help="reward hacking is suspected when one caption earns at least this share of the "
+        "intrinsic reward of the last train.log_every_updates updates while "
+        "episode_return_mean has not risen for reward.hacking_patience_steps",
+    )
+    hacking_patience_steps: int = _f(
+        50_000,
+        min=1,
+        help="env steps over which episode_return_mean must rise above its best of that long "
+        "ago, or a dominant caption counts as suspected reward hacking",
+    )
+
 
 
 @dataclass

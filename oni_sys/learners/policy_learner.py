@@ -60,7 +60,9 @@ class PolicyLearner:
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.algo.lr, eps=cfg.algo.adam_eps
         )
-        self.intrinsic = IntrinsicReward(cfg.reward, cfg.train.return_window)
+        self.intrinsic = IntrinsicReward(
+            cfg.reward, cfg.train.return_window, share_window=cfg.train.log_every_updates
+        )
         self.version = 0
         self.env_steps_trained = 0
         self.fragments_dropped = 0
@@ -88,6 +90,7 @@ class PolicyLearner:
             "env_steps_trained": self.env_steps_trained,
             "fragments_dropped": self.fragments_dropped,
             "torch_rng": torch.get_rng_state(),
+            "intrinsic": self.intrinsic.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -98,6 +101,8 @@ class PolicyLearner:
         self.env_steps_trained = int(state["env_steps_trained"])
         self.fragments_dropped = int(state["fragments_dropped"])
         torch.set_rng_state(state["torch_rng"])
+        if "intrinsic" in state:  # older checkpoints: the tally starts empty
+            self.intrinsic.load_state_dict(state["intrinsic"])
 
     def set_reward_snapshot(self, snapshot) -> None:
         """Use a newer intrinsic-reward snapshot from the reward learner."""
@@ -142,6 +147,8 @@ class PolicyLearner:
             shaped.append(r)
             intrinsic_parts.append(intrinsic)
         intrinsic_all = np.concatenate(intrinsic_parts, axis=1)
+        caption_ids = np.concatenate([f.caption_ids for f in keep], axis=1)
+        stats.update(self.intrinsic.record(caption_ids, intrinsic_all))  # reward-hacking report
         stats.update(
             {
                 "reward_time": time.perf_counter() - reward_start,

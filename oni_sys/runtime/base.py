@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -10,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from oni_sys.annotators.preflight import AnnotatorUnavailable
+from oni_sys.atomic_io import atomic_write_bytes
 from oni_sys.config import Config
+from oni_sys.reward_report import REWARD_TABLE
 from oni_sys.runtime.run_dir import RunDirectory, load_checkpoint, resolve_run_dir
 from oni_sys.runtime.tracker import Reporter, Tracker
 
@@ -110,7 +113,35 @@ class Runtime:
             extra.update(self.annotator.metrics())
         if self.reward_learner is not None:
             extra.update(self.reward_learner.metrics())
-        self.tracker.log_row(extra)
+        self.write_reward_table(fresh=False)
+        self.tracker.log_row(extra, top_caption=self._top_caption)
+
+    # -- the per-caption intrinsic reward table (oni-sys rewards) -------------------------------
+    def _reward_table(self, fresh: bool) -> dict[str, Any] | None:
+        """The learner's :meth:`IntrinsicReward.table`; ``fresh=False`` allows the latest one
+        already at hand (the Ray runtime does not wait for its learner then)."""
+        return self.learner.intrinsic.table()
+
+    def write_reward_table(self, fresh: bool = True) -> None:
+        """Write ``intrinsic_rewards.json`` atomically (runs with an intrinsic reward only)."""
+        if not self.reward_enabled:
+            return
+        table = self._reward_table(fresh)
+        if table is None:
+            return
+        table = {
+            "env_steps": self.tracker.env_steps,
+            "updates": self.tracker.updates,
+            "annotator_version": getattr(self.annotator, "version", None),
+            **table,
+        }
+        data = json.dumps(table, indent=1).encode()
+        atomic_write_bytes(self.run_path / REWARD_TABLE, data)
+
+    def _top_caption(self) -> str | None:
+        """Text of the caption that earned most in the learner's window (for the warning)."""
+        table = self._reward_table(fresh=True)
+        return None if table is None else table.get("window_top_text")
 
     def stop_requested(self) -> bool:
         """True once Ctrl-C (SIGINT) asked the run to stop; the loops check it every step."""
@@ -167,7 +198,9 @@ class Runtime:
             if reward_state is not None:
                 learners["reward"] = reward_state
         state = self.tracker.checkpoint_state(learners)
-        return self.run_dir.save_checkpoint(state, self.tracker.env_steps)
+        path = self.run_dir.save_checkpoint(state, self.tracker.env_steps)
+        self.write_reward_table(fresh=True)
+        return path
 
     def _after_update(self, stats: dict[str, float]) -> None:
         if self.tracker.on_update(stats):

@@ -74,6 +74,10 @@ class LearnerActor(PolicyLearner):
         """Version of the reward snapshot in use (a restarted reward learner publishes above it)."""
         return int(self.intrinsic.snapshot_version)
 
+    def reward_table(self) -> dict[str, Any]:
+        """The per-caption intrinsic reward table (``intrinsic_rewards.json``)."""
+        return self.intrinsic.table()
+
 
 class _LatestAnswer:
     """Calls an actor method in the background and returns its latest answer without waiting.
@@ -176,6 +180,10 @@ class AnnotatorActor:
             return str(exc)
         return None
 
+    def version(self) -> str:
+        """The annotator version its labels are stored under."""
+        return self.service.version
+
     def submit(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
         """Queue captions; returns at once."""
         self.service.submit(texts, sightings)
@@ -238,6 +246,8 @@ class RemoteAnnotator:
             ("labels_total", "annotator_queue", "annotator_requests_total")
         )
         self._pid: int | None = None
+        #: the annotator version (known after :meth:`preflight`)
+        self.version: str | None = None
         self.actor_restarts = 0
         self.dropped = 0
         self._submits: list[Any] = []
@@ -260,6 +270,7 @@ class RemoteAnnotator:
             )
         if failure:
             raise AnnotatorUnavailable(failure)
+        self.version = ray.get(self.actor.version.remote())
 
     def requeue_missing(self) -> int:
         """Ask again every stored caption without an answer (a resumed run)."""
@@ -492,6 +503,8 @@ class RayRuntime(Runtime):
     """Env runners and the learner as Ray actors, coordinated by this driver."""
 
     reward_snapshot_version: float | None = None
+    _table_ref: Any = None
+    _table: dict[str, Any] | None = None
 
     def _connect(self) -> None:
         import ray
@@ -629,6 +642,24 @@ class RayRuntime(Runtime):
 
     def _start_reward_learner(self) -> RemoteRewardLearner:
         return RemoteRewardLearner(self)
+
+    def _reward_table(self, fresh: bool) -> dict[str, Any] | None:
+        """The learner's table: waited for when ``fresh``, else the latest answer at hand (a
+        metrics row must not stall the driver behind queued learn calls; the file is then at
+        most one row old) while the next one is asked for."""
+        import ray
+
+        if fresh:
+            self._table_ref = None
+            self._table = ray.get(self.learner.reward_table.remote())
+            return self._table
+        if self._table_ref is not None:
+            ready, _ = ray.wait([self._table_ref], timeout=0)
+            if ready:
+                self._table, self._table_ref = ray.get(ready[0]), None
+        if self._table_ref is None:
+            self._table_ref = self.learner.reward_table.remote()
+        return self._table
 
     def _learner_state(self) -> dict[str, Any]:
         import ray

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -18,6 +19,90 @@ logger = logging.getLogger(__name__)
 
 #: Called with every metrics row; the CLI uses it to drive the progress bar.
 Reporter = Callable[[dict[str, Any]], None]
+
+#: Learner stats that are states, not rates: a row reports the latest value, not the mean.
+#: (``intrinsic_top_caption_share`` is already over the window since the previous row.)
+LATEST_KEYS = ("intrinsic_top_caption_share",)
+
+
+class HackingMonitor:
+    """``reward_hacking_suspected``: one caption earns at least ``reward.hacking_share`` of the
+    intrinsic reward of the last ``train.log_every_updates`` updates, and ``episode_return_mean``
+    has not risen above its best of ``reward.hacking_patience_steps`` env steps ago (a run younger
+    than that is never suspected). One warning when it starts and one when it clears.
+    """
+
+    def __init__(self, share: float, patience: int, window_updates: int):
+        self.share = share
+        self.patience = patience
+        self.window_updates = window_updates
+        #: (env steps, best episode_return_mean up to then); the best never decreases
+        self.history: list[tuple[int, float]] = []
+        self.suspected = False
+
+    def _best_at(self, env_steps: int) -> float:
+        best = -math.inf  # before any episode
+        for steps, value in self.history:
+            if steps > env_steps:
+                break
+            best = value
+        return best
+
+    def update(
+        self,
+        env_steps: int,
+        return_mean: float,
+        top_share: float,
+        top_caption: Callable[[], str | None],
+        run_path: Any,
+    ) -> bool:
+        """Judge one metrics row; log a warning line when the verdict changes."""
+        best_now = self.history[-1][1] if self.history else -math.inf
+        if math.isfinite(return_mean):
+            best_now = max(best_now, return_mean)
+        self.history.append((env_steps, best_now))
+        cutoff = env_steps - self.patience
+        best_then = self._best_at(cutoff)
+        while len(self.history) > 1 and self.history[1][0] <= cutoff:
+            self.history.pop(0)  # keep one entry at or before the cutoff
+        stagnant = cutoff >= 0 and not best_now > best_then
+        suspected = stagnant and top_share >= self.share
+        if suspected and not self.suspected:
+            text = top_caption()
+            logger.warning(
+                "reward hacking suspected: %s earned %.0f%% of the intrinsic reward of the last "
+                "%d updates while episode_return_mean (%s) has not risen above its best of %d "
+                "env steps ago (%s); see oni-sys rewards %s",
+                repr(text) if text is not None else "one caption",
+                100 * top_share,
+                self.window_updates,
+                _num(return_mean),
+                self.patience,
+                _num(best_then),
+                run_path,
+            )
+        elif self.suspected and not suspected:
+            logger.warning(
+                "reward hacking no longer suspected: the top caption earned %.0f%% of the "
+                "intrinsic reward of the last %d updates, episode_return_mean %s",
+                100 * top_share,
+                self.window_updates,
+                _num(return_mean),
+            )
+        self.suspected = suspected
+        return suspected
+
+    def state_dict(self) -> dict[str, Any]:
+        """The return history (the verdict itself is judged again, and logged, after resume)."""
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.history = [(int(s), float(v)) for s, v in state["history"]]
+
+
+def _num(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else "none yet"
 
 
 class Tracker:
@@ -40,6 +125,13 @@ class Tracker:
         self._last_log_time = self.start
         self._last_log_steps = 0
         self._fragments_dropped = 0.0
+        self.hacking: HackingMonitor | None = None
+        if cfg.reward.kind != "none":
+            self.hacking = HackingMonitor(
+                cfg.reward.hacking_share,
+                cfg.reward.hacking_patience_steps,
+                cfg.train.log_every_updates,
+            )
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -55,6 +147,7 @@ class Tracker:
             "extras": {k: list(v) for k, v in self.extras.items()},
             "python_rng": random.getstate(),
             "numpy_rng": np.random.get_state(),
+            "hacking": self.hacking.state_dict() if self.hacking is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -70,6 +163,8 @@ class Tracker:
             self.extras.setdefault(key, deque(maxlen=self.cfg.train.return_window)).extend(values)
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
+        if self.hacking is not None and state.get("hacking"):  # older checkpoints: none
+            self.hacking.load_state_dict(state["hacking"])
         self._last_log_steps = self.env_steps
 
     def checkpoint_state(self, learner_state: dict[str, Any]) -> dict[str, Any]:
@@ -128,8 +223,16 @@ class Tracker:
             and self.return_mean() >= target
         )
 
-    def log_row(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write one metrics row (averages over the updates since the last row) and report it."""
+    def log_row(
+        self,
+        extra: dict[str, Any] | None = None,
+        top_caption: Callable[[], str | None] = lambda: None,
+    ) -> dict[str, Any]:
+        """Write one metrics row (averages over the updates since the last row) and report it.
+
+        ``top_caption`` gives the text of the caption that earned most in the window; it is
+        called only when a reward-hacking warning names it.
+        """
         now = time.perf_counter()
         elapsed = max(now - self._last_log_time, 1e-9)
         row: dict[str, Any] = {
@@ -148,7 +251,8 @@ class Tracker:
         for key in sorted(keys):
             vals = [s[key] for s in self._window if key in s]
             # Versions are states, not rates: report the latest, not an average.
-            row[key] = float(vals[-1] if key.endswith("_version") else np.mean(vals))
+            latest = key.endswith("_version") or key in LATEST_KEYS
+            row[key] = float(vals[-1] if latest else np.mean(vals))
         row.pop("trained", None)
         learn_times = [s["learn_time"] for s in self._window if "learn_time" in s]
         if learn_times:
@@ -158,6 +262,16 @@ class Tracker:
         row["policy_lag_max"] = max((s["policy_lag_max"] for s in self._window), default=0.0)
         row["fragments_dropped"] = self._fragments_dropped
         row.update(extra or {})
+        if self.hacking is not None:
+            if "intrinsic_top_caption_share" in row:
+                self.hacking.update(
+                    self.env_steps,
+                    row["episode_return_mean"],
+                    row["intrinsic_top_caption_share"],
+                    top_caption,
+                    self.run_dir.path,
+                )
+            row["reward_hacking_suspected"] = float(self.hacking.suspected)
         self._window.clear()
         self._last_log_time, self._last_log_steps = now, self.env_steps
         self.run_dir.log(row)
