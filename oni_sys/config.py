@@ -263,7 +263,6 @@ class RewardConfig:
     )
 
 
-
 @dataclass
 class Config:
     """A whole experiment."""
