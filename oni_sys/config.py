@@ -90,7 +90,21 @@ class AlgoConfig:
     max_grad_norm: float = _f(0.5, gt=0.0)
     rho_bar: float = _f(1.0, gt=0.0, help="V-trace importance weight truncation")
     c_bar: float = _f(1.0, gt=0.0, help="V-trace trace-cutting truncation")
-    normalize_advantages: bool = _f(True)
+    normalize_advantages: bool = _f(
+        True,
+        help="subtract the advantages' mean and divide by max(std, algo.advantage_std_floor)",
+    )
+    normalize_after_signal: bool = _f(
+        True,
+        help="until the run has seen a reward signal, advantages are only centred, never scaled "
+        "up (docs/ALGORITHM.md)",
+    )
+    advantage_std_floor: float = _f(
+        0.0,
+        min=0.0,
+        help="lower bound on the divisor of the normalisation: advantages smaller than this are "
+        "never scaled up (0: divide by the std)",
+    )
     adam_eps: float = _f(1e-5, gt=0.0)
     lr_anneal: bool = _f(False, help="decay lr linearly to 0 over train.total_env_steps")
     max_policy_lag: int = _f(20, min=0, help="fragments older than this many updates are dropped")
@@ -214,6 +228,12 @@ class RewardConfig:
         "caption model; ensemble: K members of reward.member",
     )
     c_ext: float = _f(1.0, help="weight of the extrinsic reward")
+    clip_ext: float | None = _f(
+        None,
+        gt=0.0,
+        help="clip the raw extrinsic reward to [-clip_ext, clip_ext] before c_ext (ONI: 10); "
+        "null: no clipping",
+    )
     c_int: float = _f(0.1, min=0.0, help="weight of the intrinsic reward")
     beta: float = _f(3.0, min=0.0, help="count exponent: r_int / N_episode(caption)^beta")
     output: str = _f(

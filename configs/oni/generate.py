@@ -1,7 +1,8 @@
 """Writes the ONI experiment configs in this folder: ``python configs/oni/generate.py``.
 
 Every task x reward kind, with ONI's published coefficients (Zheng et al. 2024 and the ONI
-README: c_ext = 0.1 on Score and 10 on the goal tasks, beta = 3, c_int = 0.4 for the
+README: c_ext = 0.1 on Score and 10 on the goal tasks, the raw reward clipped to +-10 before
+c_ext as ONI's actor does (so a goal-task success weighs 100, not 500), beta = 3, c_int = 0.4 for the
 label-based rewards; ranking rewards are normalised to unit scale, so 0.1), the extended
 28-action set ONI used, in two sizes:
 
@@ -26,7 +27,12 @@ HERE = Path(__file__).resolve().parent
 
 def config(task: str, kind: str, small: bool) -> dict:
     """One experiment."""
-    reward: dict = {"kind": kind, "c_ext": 0.1 if task == "Score" else 10.0, "beta": 3.0}
+    reward: dict = {
+        "kind": kind,
+        "c_ext": 0.1 if task == "Score" else 10.0,
+        "clip_ext": 10.0,
+        "beta": 3.0,
+    }
     if kind != "none":
         reward["c_int"] = 0.1 if kind == "ranking" else 0.4
     annotator: dict = {

@@ -1,4 +1,4 @@
-"""The reward the policy is trained on: ``c_ext * r_ext + c_int * r_int(caption) / N^beta``.
+"""The reward the policy is trained on: ``c_ext * clip(r_ext) + c_int * r_int(caption) / N^beta``.
 
 ``r_int`` comes from the reward learner's current snapshot and is computed once per unique
 caption id and snapshot version (cached), then spread over the ``[T, N]`` steps with one
@@ -173,7 +173,12 @@ class IntrinsicReward:
         caption_ids: np.ndarray,
         caption_counts: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The training reward ``[T, N]`` and its intrinsic part (already weighted by ``c_int``)."""
+        """The training reward ``[T, N]`` and its intrinsic part (already weighted by ``c_int``).
+
+        The raw extrinsic reward is clipped to ``[-clip_ext, clip_ext]`` before ``c_ext``.
+        """
+        if self.cfg.clip_ext is not None:
+            rewards = np.clip(rewards, -self.cfg.clip_ext, self.cfg.clip_ext)
         if not self.enabled:
             return self.cfg.c_ext * rewards, np.zeros_like(rewards)
         r_int = self.caption_rewards(caption_ids)

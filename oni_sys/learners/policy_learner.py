@@ -66,6 +66,9 @@ class PolicyLearner:
         self.version = 0
         self.env_steps_trained = 0
         self.fragments_dropped = 0
+        # Advantage normalisation waits for the first reward signal (docs/ALGORITHM.md §4).
+        self.signal_seen = False
+        self._first_reward: float | None = None
         logger.info(
             "policy learner on %s, %d parameters",
             self.device,
@@ -89,6 +92,8 @@ class PolicyLearner:
             "version": self.version,
             "env_steps_trained": self.env_steps_trained,
             "fragments_dropped": self.fragments_dropped,
+            "signal_seen": self.signal_seen,
+            "first_reward": self._first_reward,
             "torch_rng": torch.get_rng_state(),
             "intrinsic": self.intrinsic.state_dict(),
         }
@@ -100,6 +105,9 @@ class PolicyLearner:
         self.version = int(state["version"])
         self.env_steps_trained = int(state["env_steps_trained"])
         self.fragments_dropped = int(state["fragments_dropped"])
+        # A checkpoint from before the gate existed was trained with normalisation throughout.
+        self.signal_seen = bool(state.get("signal_seen", True))
+        self._first_reward = state.get("first_reward")
         torch.set_rng_state(state["torch_rng"])
         if "intrinsic" in state:  # older checkpoints: the tally starts empty
             self.intrinsic.load_state_dict(state["intrinsic"])
@@ -116,6 +124,25 @@ class PolicyLearner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
+
+    def _look_for_signal(self, rewards: np.ndarray, terminated: np.ndarray) -> None:
+        """Note the first batch that says one action can be better than another.
+
+        While every training reward the run has seen is the same constant and no step with a
+        nonzero reward was terminal, every state has the same true value, so every advantage is
+        value-function noise: normalising it would only scale the noise up.
+        """
+        if self.signal_seen or rewards.size == 0:
+            return
+        if self._first_reward is None:
+            self._first_reward = float(rewards.flat[0])
+        first = self._first_reward
+        if (rewards != first).any() or (first != 0.0 and terminated.any()):
+            self.signal_seen = True
+            logger.info(
+                "first reward signal after %d env steps: advantage normalisation is on from now",
+                self.env_steps_trained,
+            )
 
     def learn(self, fragments: list[Fragment]) -> dict[str, float]:
         """One update (``algo.num_epochs`` passes of minibatches) on a batch of fragments.
@@ -161,6 +188,11 @@ class PolicyLearner:
             stats["intrinsic_return_mean"] = float(np.mean(self.intrinsic.intrinsic_returns))
         batch = concat_fragments(keep)
         batch["rewards"] = np.concatenate(shaped, axis=1).astype(np.float32)
+        self._look_for_signal(batch["rewards"], batch["terminated"])
+        normalize = algo.normalize_advantages and (
+            self.signal_seen or not algo.normalize_after_signal
+        )
+        stats["reward_signal_seen"] = float(self.signal_seen)
         dev = self.device
         obs = {k: torch.as_tensor(v, device=dev) for k, v in batch["obs"].items()}
         first = torch.as_tensor(batch["first"], device=dev)
@@ -199,7 +231,8 @@ class PolicyLearner:
                     ent_coef=algo.ent_coef,
                     rho_bar=algo.rho_bar,
                     c_bar=algo.c_bar,
-                    normalize_advantages=algo.normalize_advantages,
+                    normalize_advantages=normalize,
+                    advantage_std_floor=algo.advantage_std_floor,
                     logp_entropy=lambda p, a, m=mb_mask: self.dist.logp_entropy(p, a, m),
                 )
                 self.optimizer.zero_grad(set_to_none=True)
@@ -208,7 +241,14 @@ class PolicyLearner:
                     self.model.parameters(), algo.max_grad_norm
                 )
                 self.optimizer.step()
-                for name in ("loss", "policy_loss", "value_loss", "entropy", "approx_kl"):
+                for name in (
+                    "loss",
+                    "policy_loss",
+                    "value_loss",
+                    "entropy",
+                    "approx_kl",
+                    "advantage_std",
+                ):
                     sums[name] = sums.get(name, 0.0) + float(getattr(out, name).detach())
                 sums["clip_fraction"] = sums.get("clip_fraction", 0.0) + float(out.clip_fraction)
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)

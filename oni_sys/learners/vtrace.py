@@ -89,6 +89,7 @@ class APPOLossOutput:
     clip_fraction: torch.Tensor  # scalar, fraction of entries with |r - 1| > clip_coef
     vs: torch.Tensor  # [T, B] detached
     pg_advantages: torch.Tensor  # [T, B] detached, before normalisation
+    advantage_std: torch.Tensor  # scalar, std of the advantages before normalisation
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ def appo_loss(
     valid entries (None = all) for every mean. The rho_pg_bar of V-trace is set to rho_bar.
 
     ``normalize_advantages`` subtracts the advantages' mean and divides by
-    ``max(std, advantage_std_floor)`` (a floor of 0 is the classic ``std + 1e-8``).
+    ``max(std, advantage_std_floor)`` (a floor of 0 is the classic normalisation, ``max(std, 1e-8)``).
 
     Masked-out entries have their reward treated as 0 inside V-trace so it cannot reach earlier
     targets; the recursion still runs through them, so a step after which bootstrapping must stop
@@ -154,10 +155,10 @@ def appo_loss(
     )
 
     adv = vt.pg_advantages
+    # Statistics over valid entries only, so padding does not shift or shrink them.
+    mean = _masked_mean(adv, mask)
+    var = _masked_mean((adv - mean) ** 2, mask)
     if normalize_advantages:
-        # Statistics over valid entries only, so padding does not shift or shrink them.
-        mean = _masked_mean(adv, mask)
-        var = _masked_mean((adv - mean) ** 2, mask)
         # Divided by max(std, floor): a batch whose advantages are all smaller than the floor
         # (no reward seen yet: value noise only) keeps its scale instead of being blown up to
         # unit size (docs/ALGORITHM.md, "Advantage normalisation").
@@ -185,4 +186,5 @@ def appo_loss(
         clip_fraction=clip_fraction,
         vs=vt.vs,
         pg_advantages=vt.pg_advantages,
+        advantage_std=var.sqrt(),
     )
