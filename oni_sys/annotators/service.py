@@ -9,7 +9,12 @@ subscribers as caption labels (a caption's label is the max over its sentences).
 
 The service runs its own asyncio loop in a background thread, so the same object serves the
 serial runtime (in process) and the Ray runtime (inside an actor). Every public method is
-thread-safe and returns at once.
+thread-safe and returns at once, except :meth:`answer_all` (and :meth:`wait_idle`), which wait.
+
+A *gated* service (the serial runtime's) asks nothing until :meth:`answer_all` opens the gate;
+that call then waits until everything submitted so far is answered. Questions are thus asked
+at fixed points, all at once, so what is asked (the ranking pairs too) and what is published
+do not depend on how fast the LLM answers.
 """
 
 from __future__ import annotations
@@ -142,6 +147,8 @@ class AnnotationService:
         max_pending: questions queued in memory at most (default ``annotator.max_queue``); the
             least seen beyond it are dropped and counted, and asked again when seen again (their
             texts stay in the store).
+        gated: ask nothing until :meth:`answer_all` (the serial runtime, for determinism);
+            default: ask as soon as questions are submitted (the Ray runtime, the CLI).
 
     Example:
         >>> service = AnnotationService(cfg.annotator, "labels.sqlite")  # doctest: +SKIP
@@ -155,6 +162,7 @@ class AnnotationService:
         store_path: str | Path,
         backend: Backend | None = None,
         max_pending: int | None = None,
+        gated: bool = False,
     ):
         self.cfg = cfg
         self.store = AnnotationStore(store_path)
@@ -167,6 +175,11 @@ class AnnotationService:
         self.ranking = cfg.prompt == "ranking"
         self.stats = ServiceStats()
         self._lock = threading.Lock()
+        # Signalled (under _lock) whenever a question or a pair is answered: answer_all waits on it.
+        self._answered = threading.Condition(self._lock)
+        self._answers_total = 0  # questions and pairs answered (labelled or not)
+        self._gated = gated
+        self._gate_open = not gated  # a gated service asks only while answer_all holds it open
         self._texts: dict[int, str] = {}  # question id -> text, while queued or in flight
         self._counts: dict[int, int] = {}  # question id -> times its captions were seen
         self._heap: list[tuple[int, int]] = []  # (-count, question id); stale entries skipped
@@ -362,6 +375,47 @@ class AnnotationService:
                 or self._pairs_in_flight
                 or self._pair_budget
             )
+
+    def _owed(self) -> bool:
+        """Questions or comparisons queued or in flight. Lock held."""
+        return bool(self._texts or self._pair_budget or self._pairs_in_flight)
+
+    def answer_all(self, stall_timeout_s: float | None = None) -> bool:
+        """Ask every question submitted so far and wait until each is answered; then
+        :meth:`poll_records` holds the answers to everything submitted before this call.
+
+        This is the serial runtime's fixed point (after every policy update). It never hangs: it
+        returns False at once while the annotator is down or has failed (the outage shows in
+        :meth:`metrics` and :meth:`failure` as always), and after ``stall_timeout_s`` (default
+        ``annotator.startup_timeout_s``) without a single answer. The questions still open are
+        then asked in the background, as by an ungated service, until a later call sees all of
+        them answered. Returns True when nothing is owed any more.
+        """
+        stall = self.cfg.startup_timeout_s if stall_timeout_s is None else stall_timeout_s
+        with self._answered:
+            self._gate_open = True
+        self._wake()
+        with self._answered:
+            seen, since = self._answers_total, time.monotonic()
+            while self._owed():
+                if self._failure is not None or self._down_since is not None:
+                    return False
+                now = time.monotonic()
+                if self._answers_total != seen:
+                    seen, since = self._answers_total, now
+                elif now - since > stall:
+                    logger.warning(
+                        "annotator (%s): no answer for %.0f s while waiting for %d questions; "
+                        "going on without waiting for them",
+                        describe_backend(self.cfg),
+                        now - since,
+                        len(self._texts) + self._pair_budget + self._pairs_in_flight,
+                    )
+                    return False
+                self._answered.wait(timeout=0.05)
+            # Everything is answered: a gated service asks nothing more until the next call.
+            self._gate_open = not self._gated
+            return True
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until :meth:`idle` (or the timeout); returns whether it is idle."""
@@ -675,6 +729,8 @@ class AnnotationService:
     def _next_job(self):
         if self._failure is not None:
             return None  # the run is stopping; what is queued stays in the store
+        if not self._gate_open:
+            return None  # gated: asked at the next answer_all
         if self.ranking:
             with self._lock:
                 pair = self._next_pair()
@@ -753,6 +809,8 @@ class AnnotationService:
                     self._finish_caption(cid)
             if qid not in self._question_captions:
                 self._answers.pop(qid, None)
+            self._answers_total += 1
+            self._answered.notify_all()
 
     async def _ask_pair(self, a: int, b: int) -> None:
         texts = self.store.texts([a, b])
@@ -773,6 +831,8 @@ class AnnotationService:
             if record.status == LABELLED:
                 self._published_prefs.append((a, texts[a], b, texts[b], record.preference))
             self.stats.preferences_total += record.status == LABELLED
+            self._answers_total += 1
+            self._answered.notify_all()
 
     def _flush(self) -> None:
         """Write answered questions to the store in one transaction each kind."""

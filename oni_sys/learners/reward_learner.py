@@ -46,8 +46,10 @@ class RewardLearner:
         self._new_data = self._new_data or new > 0
         return new
 
-    def train(self, max_updates: int, max_seconds: float = 1.0):
-        """Run up to ``max_updates`` updates (bounded in time); return a new snapshot or None."""
+    def train(self, max_updates: int, max_seconds: float | None = 1.0):
+        """Run up to ``max_updates`` updates, stopping early after ``max_seconds`` (None: no time
+        bound, so the number of updates does not depend on the clock; the serial runtime's
+        choice); return a new snapshot or None."""
         trainable = self.model.kind != "hashing"
         start = time.perf_counter()
         if trainable and (self._new_data or self.updates > 0):
@@ -58,7 +60,7 @@ class RewardLearner:
                 self._last_stats = stats
                 self.updates += 1
                 self._since_snapshot += 1
-                if time.perf_counter() - start > max_seconds:
+                if max_seconds is not None and time.perf_counter() - start > max_seconds:
                     break
         due = (
             self._new_data

@@ -1,16 +1,34 @@
 """The serial runtime: every role in this process, one step at a time, deterministic for a seed.
 
 The mode to debug in: breakpoints work anywhere, and two runs with the same seed produce the
-same metrics.
+same metrics (but for the clock: ``sps``, ``wall_time``, ``*_time``, ``learner_idle_fraction``,
+``labels_per_s`` and the annotator's latencies), with the reward loop on too:
+
+- the annotator is *gated*: it asks nothing while the env runner and the policy learner work;
+  after every policy update the runtime opens it and waits until every question submitted so
+  far is answered (:meth:`AnnotationService.answer_all`), so what is asked, ranking pairs
+  included, does not depend on how fast the LLM answers;
+- the reward learner then takes the new labels and preferences sorted by caption id and runs
+  exactly ``reward.updates_per_round`` updates (no time bound, unlike the Ray runtime's).
+
+The wait is bounded: while the annotator is down (or after ``annotator.startup_timeout_s``
+without an answer) the runtime does not wait; it trains on, the outage shows in the metrics and
+stops the run after ``annotator.max_outage_s`` as in the Ray runtime, and the run is no longer
+deterministic (a warning says so once). With ``annotator.enabled=true`` and
+``reward.kind=none`` the labels feed nothing: the annotator then works beside training, not
+gated and not waited for (only its own ``annotator_*`` metrics depend on its speed).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from oni_sys.actors.env_runner import EnvRunner
 from oni_sys.learners.policy_learner import PolicyLearner
 from oni_sys.runtime.base import Runtime
+
+logger = logging.getLogger(__name__)
 
 
 class SerialRuntime(Runtime):
@@ -18,6 +36,7 @@ class SerialRuntime(Runtime):
 
     def _start_roles(self) -> None:
         offset = self.tracker.updates  # a resumed run plays new episodes, not the old ones again
+        self._warned_nondeterministic = False
         self.runner = EnvRunner(self.cfg, runner_index=0, seed_offset=offset)
         self.learner = PolicyLearner(self.cfg, self.runner.interface)
         if self.checkpoint:
@@ -35,9 +54,21 @@ class SerialRuntime(Runtime):
                 fragments.append(fragment)
             stats = self.learner.learn(fragments)
             self.runner.set_weights(self.learner.get_weights(), self.learner.version)
+            self._answer_all()
             if self.reward_learner is not None:
                 self.reward_learner.round()
             self._after_update(stats)
+
+    def _answer_all(self) -> None:
+        """Let the annotator answer everything submitted so far (bounded; see the module doc)."""
+        if self.annotator is None or not self.reward_enabled or self.annotator.answer_all():
+            return
+        if not self._warned_nondeterministic:
+            self._warned_nondeterministic = True
+            logger.warning(
+                "serial runtime: training on without waiting for the annotator's answers; "
+                "this run is no longer deterministic for its seed"
+            )
 
     def _learner_state(self) -> dict[str, Any]:
         return {"state": self.learner.state_dict()}
@@ -45,7 +76,10 @@ class SerialRuntime(Runtime):
     def _start_annotator(self):
         from oni_sys.annotators.service import AnnotationService
 
-        return AnnotationService(self.cfg.annotator, self.annotator_store_path())
+        # Gated when labels feed the reward; labels only collected (reward.kind=none) change
+        # nothing in training, so the annotator then works beside it without being waited for.
+        path = self.annotator_store_path()
+        return AnnotationService(self.cfg.annotator, path, gated=self.reward_enabled)
 
     def _start_reward_learner(self) -> LocalRewardLearner:
         return LocalRewardLearner(self)
@@ -56,7 +90,8 @@ class SerialRuntime(Runtime):
 
 
 class LocalRewardLearner:
-    """The reward learner in this process: one round of updates after every policy update."""
+    """The reward learner in this process: one round of updates after every policy update,
+    on the records in a canonical order (sorted by caption id) and bounded by updates only."""
 
     def __init__(self, runtime: SerialRuntime):
         from oni_sys.learners.reward_learner import RewardLearner
@@ -70,8 +105,12 @@ class LocalRewardLearner:
     def round(self) -> None:
         """Take new labels from the annotator, train a little, publish a snapshot when due."""
         labels, prefs = self.runtime.annotator.poll_records()
+        # Answers are published in the order they arrive; the dataset (and so every minibatch
+        # drawn from it) must not depend on that.
+        labels.sort(key=lambda r: r[0])
+        prefs.sort(key=lambda r: (r[0], r[2]))
         self.learner.add(labels, prefs)
-        snapshot = self.learner.train(self.runtime.cfg.reward.updates_per_round)
+        snapshot = self.learner.train(self.runtime.cfg.reward.updates_per_round, max_seconds=None)
         if snapshot is not None:
             self.runtime.learner.set_reward_snapshot(snapshot)
 
