@@ -205,7 +205,8 @@ class AnnotatorConfig:
     startup_timeout_s: float = _f(
         300.0,
         gt=0.0,
-        help="time allowed for the annotator to answer its first real question before training",
+        help="time allowed for the annotator to answer its first real question before training; "
+        "serial runtime: how long it waits for a new answer before training on without it",
     )
     max_queue: int = _f(
         200_000,
