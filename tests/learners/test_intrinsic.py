@@ -32,6 +32,24 @@ def test_unlabelled_captions_earn_exactly_zero_and_counts_divide():
     np.testing.assert_allclose(shaped, 0.1 * r_ext + part)
 
 
+@pytest.mark.parametrize("kind", ["none", "hashing"])
+def test_extrinsic_reward_is_clipped_before_its_coefficient(kind):
+    # ONI's goal tasks: a success is worth 50, clipped to 10, then weighted by c_ext = 10 -> 100.
+    cfg = RewardConfig(kind=kind, c_ext=10.0, clip_ext=10.0)
+    shaped, _ = IntrinsicReward(cfg).shape(
+        np.array([[50.0, -50.0, 3.0]], dtype=np.float32),
+        np.zeros((1, 3), dtype=np.uint64),
+        np.zeros((1, 3), dtype=np.int32),
+    )
+    np.testing.assert_allclose(shaped, [[100.0, -100.0, 30.0]])
+    unclipped, _ = IntrinsicReward(RewardConfig(kind=kind, c_ext=10.0)).shape(
+        np.array([[50.0]], dtype=np.float32),
+        np.zeros((1, 1), np.uint64),
+        np.zeros((1, 1), np.int32),
+    )
+    assert unclipped[0, 0] == 500.0  # the default: no clipping
+
+
 def test_ranking_rewards_reach_the_policy_normalised_and_thresholded():
     cfg = RewardConfig(kind="ranking", c_ext=0.0, c_int=1.0, beta=0.0, ranking_threshold=0.0)
     model = make_reward_model(cfg, seed=0)
