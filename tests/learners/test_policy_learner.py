@@ -117,3 +117,37 @@ def test_nethack_fragment_carries_caption_ids_and_counts():
     again = runner.sample()
     assert not set(again.new_captions) & set(fragment.new_captions)
     runner.close()
+
+
+def test_advantages_are_normalised_from_the_first_reward_signal_on():
+    # docs/ALGORITHM.md §4: before the first reward signal advantages are used as computed; the
+    # learner notes the first batch that shows one action can be better than another.
+    cfg = load_config("configs/vault.yaml", ["reward.kind=none", "env.num_envs=4"])
+    runner = EnvRunner(cfg)
+    learner = PolicyLearner(cfg, runner.interface)
+    runner.close()
+    zeros, ends = np.zeros((4, 2), np.float32), np.zeros((4, 2), bool)
+    ends[2, 1] = True
+    learner._look_for_signal(zeros, ends)  # all 0, and a terminal state worth 0 like any other
+    assert not learner.signal_seen
+    learner._look_for_signal(zeros, ~ends)
+    assert not learner.signal_seen
+    learner._look_for_signal(np.where(ends, 0.5, 0.0).astype(np.float32), ends)
+    assert learner.signal_seen
+    # A constant step reward is a signal only together with a terminal state (CartPole).
+    constant = PolicyLearner(cfg, runner.interface)
+    constant._look_for_signal(np.ones((4, 2), np.float32), np.zeros((4, 2), bool))
+    assert not constant.signal_seen
+    constant._look_for_signal(np.ones((4, 2), np.float32), ends)
+    assert constant.signal_seen
+    # The verdict survives a checkpoint; a checkpoint from before the gate means "seen".
+    fresh = PolicyLearner(cfg, runner.interface)
+    fresh.load_state_dict(PolicyLearner(cfg, runner.interface).state_dict())
+    assert not fresh.signal_seen
+    fresh.load_state_dict(learner.state_dict())
+    assert fresh.signal_seen
+    old = learner.state_dict()
+    del old["signal_seen"], old["first_reward"]
+    fresh = PolicyLearner(cfg, runner.interface)
+    fresh.load_state_dict(old)
+    assert fresh.signal_seen
