@@ -73,6 +73,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from oni_sys.envs.grid import Pos, register_env, render_grid
+
 ENV_ID = "oni_sys/KeyDoor-v0"
 
 UP, DOWN, LEFT, RIGHT, PICKUP, OPEN, KICK, SEARCH = range(8)
@@ -113,8 +115,6 @@ NOISE_CAPTIONS = (
     "You hear bubbling water.",
     "You hear a door open.",
 )
-
-Pos = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -303,31 +303,24 @@ class KeyDoorEnv(gym.Env):
         if self.render_mode != "ansi":
             return None
         lay, st = self.layout, self.state
-        rows = []
-        for y in range(self.size):
-            row = []
-            for x in range(self.size):
-                p = (x, y)
-                if p == st.pos:
-                    row.append("@")
-                elif p == lay.door:
-                    row.append("|" if st.door_open else "+")
-                elif lay.is_wall(p):
-                    row.append("#")
-                elif p == lay.goal:
-                    row.append(">")
-                elif p == lay.key and not st.has_key:
-                    row.append("k")
-                else:
-                    row.append(".")
-            rows.append("".join(row))
-        return "\n".join(rows) + "\n"
+
+        def char_at(p: Pos) -> str:
+            if p == st.pos:
+                return "@"
+            if p == lay.door:
+                return "|" if st.door_open else "+"
+            if lay.is_wall(p):
+                return "#"
+            if p == lay.goal:
+                return ">"
+            return "k" if p == lay.key and not st.has_key else "."
+
+        return render_grid(self.size, char_at)
 
 
 def register() -> None:
     """Register :data:`ENV_ID` with gymnasium (idempotent)."""
-    if ENV_ID not in gym.registry:
-        gym.register(id=ENV_ID, entry_point="oni_sys.envs.keydoor:KeyDoorEnv")
+    register_env(ENV_ID, "oni_sys.envs.keydoor:KeyDoorEnv")
 
 
 register()

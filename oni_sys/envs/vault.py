@@ -49,6 +49,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from oni_sys.envs.grid import Pos, register_env, render_grid
+
 ENV_ID = "oni_sys/Vault-v0"
 
 UP, DOWN, LEFT, RIGHT = range(4)
@@ -63,8 +65,6 @@ WALL_CAPTION = "It's solid stone."
 EVENT_CAPTIONS = (KEY_CAPTION, VAULT_CAPTION)
 #: Captions caused by the agent's actions that do not advance the chain.
 DISTRACTOR_CAPTIONS = (LOCKED_CAPTION, WALL_CAPTION)
-
-Pos = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -176,29 +176,22 @@ class VaultEnv(gym.Env):
         if self.render_mode != "ansi":
             return None
         lay, st = self.layout, self.state
-        rows = []
-        for y in range(self.size):
-            row = []
-            for x in range(self.size):
-                p = (x, y)
-                if p == st.pos:
-                    row.append("@")
-                elif lay.is_wall(p):
-                    row.append("#")
-                elif p == lay.vault:
-                    row.append("V")
-                elif p == lay.key and not st.has_key:
-                    row.append("k")
-                else:
-                    row.append(".")
-            rows.append("".join(row))
-        return "\n".join(rows) + "\n"
+
+        def char_at(p: Pos) -> str:
+            if p == st.pos:
+                return "@"
+            if lay.is_wall(p):
+                return "#"
+            if p == lay.vault:
+                return "V"
+            return "k" if p == lay.key and not st.has_key else "."
+
+        return render_grid(self.size, char_at)
 
 
 def register() -> None:
     """Register :data:`ENV_ID` with gymnasium (idempotent)."""
-    if ENV_ID not in gym.registry:
-        gym.register(id=ENV_ID, entry_point="oni_sys.envs.vault:VaultEnv")
+    register_env(ENV_ID, "oni_sys.envs.vault:VaultEnv")
 
 
 register()
