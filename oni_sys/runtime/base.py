@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from oni_sys.annotators.preflight import AnnotatorUnavailable
+from oni_sys.annotators.quality import reward_quality_warning
 from oni_sys.atomic_io import atomic_write_bytes
 from oni_sys.config import Config
 from oni_sys.reward_report import REWARD_TABLE
@@ -56,6 +57,8 @@ class Runtime:
             if self.annotator_enabled:
                 self.annotator = self._start_annotator()
                 self.annotator.preflight()
+                if (warning := reward_quality_warning(self.cfg)) is not None:
+                    logger.warning(warning)
                 if resuming:
                     owed = self.annotator.requeue_missing()
                     logger.info("annotator: %d stored captions still owed an answer", owed)
