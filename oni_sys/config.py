@@ -273,8 +273,9 @@ class RewardConfig:
         gt=0.0,
         max=1.0,
         help="reward hacking is suspected when one caption earns at least this share of the "
-        "intrinsic reward of the last train.log_every_updates updates while "
-        "episode_return_mean has not risen for reward.hacking_patience_steps",
+        "intrinsic reward of the last max(train.log_every_updates, 20) updates while "
+        "episode_return_mean has not risen for reward.hacking_patience_steps (cleared below this "
+        "share minus 0.2)",
     )
     hacking_patience_steps: int = _f(
         50_000,

@@ -21,6 +21,15 @@ from oni_sys.config import RewardConfig
 logger = logging.getLogger(__name__)
 
 
+#: the share window never spans fewer updates than this (a 2-update window flickers)
+MIN_SHARE_WINDOW = 20
+
+
+def share_window(log_every_updates: int) -> int:
+    """Updates whose payouts ``intrinsic_top_caption_share`` covers."""
+    return max(log_every_updates, MIN_SHARE_WINDOW)
+
+
 #: rows of :meth:`IntrinsicReward.table` (the captions that earned most); the totals count all
 TABLE_ROWS = 1000
 

@@ -12,7 +12,7 @@ import torch
 from oni_sys.actors.env_interface import MASK_KEY, EnvInterface
 from oni_sys.actors.env_runner import Fragment
 from oni_sys.config import Config
-from oni_sys.learners.intrinsic import IntrinsicReward
+from oni_sys.learners.intrinsic import IntrinsicReward, share_window
 from oni_sys.learners.vtrace import appo_loss
 from oni_sys.models import build_model
 
@@ -61,7 +61,9 @@ class PolicyLearner:
             self.model.parameters(), lr=cfg.algo.lr, eps=cfg.algo.adam_eps
         )
         self.intrinsic = IntrinsicReward(
-            cfg.reward, cfg.train.return_window, share_window=cfg.train.log_every_updates
+            cfg.reward,
+            cfg.train.return_window,
+            share_window=share_window(cfg.train.log_every_updates),
         )
         self.version = 0
         self.env_steps_trained = 0

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from oni_sys.config import Config, config_to_dict
+from oni_sys.learners.intrinsic import share_window
 from oni_sys.runtime.run_dir import RunDirectory
 
 logger = logging.getLogger(__name__)
@@ -25,9 +26,13 @@ Reporter = Callable[[dict[str, Any]], None]
 LATEST_KEYS = ("intrinsic_top_caption_share",)
 
 
+#: how far below ``reward.hacking_share`` the top share must fall to clear a suspicion
+HYSTERESIS = 0.2
+
+
 class HackingMonitor:
     """``reward_hacking_suspected``: one caption earns at least ``reward.hacking_share`` of the
-    intrinsic reward of the last ``train.log_every_updates`` updates, and ``episode_return_mean``
+    intrinsic reward of the last ``max(train.log_every_updates, 20)`` updates, and ``episode_return_mean``
     has not risen above its best of ``reward.hacking_patience_steps`` env steps ago (a run younger
     than that is never suspected). One warning when it starts and one when it clears.
     """
@@ -66,7 +71,9 @@ class HackingMonitor:
         while len(self.history) > 1 and self.history[1][0] <= cutoff:
             self.history.pop(0)  # keep one entry at or before the cutoff
         stagnant = cutoff >= 0 and not best_now > best_then
-        suspected = stagnant and top_share >= self.share
+        # Hysteresis: once suspected, a share just under the threshold does not clear it.
+        threshold = self.share - HYSTERESIS if self.suspected else self.share
+        suspected = stagnant and top_share >= threshold
         if suspected and not self.suspected:
             text = top_caption()
             logger.warning(
@@ -130,7 +137,7 @@ class Tracker:
             self.hacking = HackingMonitor(
                 cfg.reward.hacking_share,
                 cfg.reward.hacking_patience_steps,
-                cfg.train.log_every_updates,
+                share_window(cfg.train.log_every_updates),
             )
 
     # -- state ---------------------------------------------------------------------------------

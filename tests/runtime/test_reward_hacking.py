@@ -132,8 +132,10 @@ def test_suspicion_needs_a_dominant_caption_and_a_return_that_stopped_rising(cap
     assert not judge(150, 0.2, 0.79)  # no caption dominates (and the best rose from 0.1)
     assert judge(200, 0.2, 0.8)  # best now 0.3 = best at step 100: stalled, and dominant
     assert judge(250, float("nan"), 0.9)  # no episode finished: no rise either
+    assert judge(260, 0.2, 0.65)  # hysteresis: a share just under 0.8 does not clear it
     saved = monitor.state_dict()
     assert not judge(300, 0.5, 0.95)  # the return rose above 0.3: cleared
+    assert not judge(310, 0.5, 0.59)  # (and a share below 0.8 - 0.2 would clear it too)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert messages[0].startswith(f"reward hacking suspected: {LOCKED_CAPTION!r} earned 80%")
