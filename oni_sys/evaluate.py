@@ -72,6 +72,7 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any
         first = np.ones(len(names), dtype=bool)
         totals = np.zeros(len(names))
         acted, finished = set(), set()
+        last_info: dict[int, dict] = {}
         steps = 0
         # One episode of every agent; a SlotEnv resets itself at the end, so stop there.
         while steps < opts["max_steps"] and (not acted or acted - finished):
@@ -91,10 +92,13 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any
             steps += 1
             for out in outcomes:
                 totals[out.slot] += out.reward
+                last_info[out.slot] = out.info
                 if out.terminated or out.truncated:
                     finished.add(out.slot)
-                    for key, value in out.info.get("episode_extras", {}).items():
-                        extras.setdefault(key, []).append(float(value))
+        # An episode cut by max_steps reports its extras (e.g. NetHack's score) as they stand.
+        for s in sorted(acted):
+            for key, value in last_info.get(s, {}).get("episode_extras", {}).items():
+                extras.setdefault(key, []).append(float(value))
         for s in sorted(acted):
             returns.append(float(totals[s]))
             if len(names) > 1:
