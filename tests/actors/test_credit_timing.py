@@ -14,16 +14,7 @@ from oni_sys.config import load_config
 from oni_sys.envs import vault
 from oni_sys.envs.captions import caption_id
 from oni_sys.learners.intrinsic import IntrinsicReward
-
-
-class _AllLabelledOne:
-    """A reward snapshot that labels every caption 1 (what a hashing snapshot does for
-    captions the annotator called good), so every paid step is visible in the shaped reward."""
-
-    version = 1
-
-    def rewards(self, ids, texts):
-        return np.ones(len(ids), dtype=np.float32)
+from oni_sys.learners.reward_models import make_reward_model
 
 
 def _cell(obs_row: np.ndarray, size: int) -> tuple[int, tuple[int, int]]:
@@ -42,8 +33,14 @@ def test_each_caption_is_paid_to_the_action_that_produced_it():
     runner = EnvRunner(cfg)
     fragments = [runner.sample() for _ in range(12)]
     runner.close()
+    # A hashing reward model that labels every caption Vault can produce 1, so every paid step
+    # is visible in the shaped reward.
+    texts = [vault.KEY_CAPTION, vault.LOCKED_CAPTION, vault.VAULT_CAPTION, vault.WALL_CAPTION]
+    model = make_reward_model(cfg.reward, cfg.seed)
+    model.add_labels([(caption_id(t), t, 1, 1.0) for t in texts])
     intrinsic = IntrinsicReward(cfg.reward)
-    intrinsic.set_snapshot(_AllLabelledOne())
+    intrinsic.register({caption_id(t): t for t in texts})
+    intrinsic.set_snapshot(model.snapshot())
     key, vault_id = caption_id(vault.KEY_CAPTION), caption_id(vault.VAULT_CAPTION)
     paid_keys = paid_vaults = 0
     for f in fragments:
