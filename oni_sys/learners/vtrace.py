@@ -127,7 +127,7 @@ def appo_loss(
     valid entries (None = all) for every mean. The rho_pg_bar of V-trace is set to rho_bar.
 
     ``normalize_advantages`` subtracts the advantages' mean and divides by
-    ``max(std, advantage_std_floor)`` (a floor of 0 is the classic normalisation, ``max(std, 1e-8)``).
+    ``max(std, advantage_std_floor)`` (a floor of 0 is the classic ``max(std, 1e-8)``).
 
     Masked-out entries have their reward treated as 0 inside V-trace so it cannot reach earlier
     targets; the recursion still runs through them, so a step after which bootstrapping must stop
