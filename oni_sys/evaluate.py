@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from oni_sys.actors.env_interface import act, build_slot_env, interface_of, stack_rows
 from oni_sys.config import ConfigError, config_from_dict, parse_overrides
-from oni_sys.models import build_model
+from oni_sys.envs.spec import build_slot_env
+from oni_sys.models.policy import Policy, interface_of, stack_obs
 from oni_sys.runtime.run_dir import load_checkpoint
 
 EVAL_KEYS = {"episodes": int, "deterministic": bool, "seed": int, "max_steps": int}
@@ -54,21 +54,19 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any
         )
     ckpt = load_checkpoint(run_dir)
     cfg = config_from_dict(ckpt["config"])
-    env = build_slot_env(cfg)
+    env = build_slot_env(cfg.env)
     decisions = env.reset(seed=opts["seed"])
-    interface = interface_of(env, decisions, cfg.model)
-    dist = interface.dist(cfg.model)
-    model = build_model(cfg.model, cfg.env.id, interface.obs_space, dist)
-    model.load_state_dict(ckpt["learner"]["state"]["model"])
-    model.eval()
+    policy = Policy(cfg.model, cfg.env.id, interface_of(env, decisions, cfg.model))
+    policy.load_weights(ckpt["learner"]["state"]["model"])
+    policy.net.eval()
     generator = torch.Generator().manual_seed(opts["seed"])
-    names = interface.slot_names
+    names = policy.interface.slot_names
     returns, lengths, extras = [], [], {}
     agent_returns: dict[str, list[float]] = {}
     for episode in range(opts["episodes"]):
         if episode:
             decisions = env.reset(seed=opts["seed"] + episode)
-        state = model.initial_state(len(names))
+        state = policy.initial_state(len(names))
         first = np.ones(len(names), dtype=bool)
         totals = np.zeros(len(names))
         acted, finished = set(), set()
@@ -79,15 +77,15 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any
             slots = sorted(s for s in decisions if s not in finished)
             if not slots:
                 break
-            obs = stack_rows([interface.model_obs(*decisions[s], s) for s in slots])
+            obs = stack_obs([policy.model_obs(*decisions[s], s) for s in slots])
             idx = torch.as_tensor(slots)
-            actions, _, state_out = act(
-                model, dist, obs, state[idx], first[slots], generator, opts["deterministic"]
+            actions, _, state_out = policy.act(
+                obs, state[idx], first[slots], generator, opts["deterministic"]
             )
             state[idx], first[slots] = state_out, False
             acted.update(slots)
             outcomes, decisions = env.step(
-                {s: dist.to_env(a) for s, a in zip(slots, actions, strict=True)}
+                {s: policy.to_env(a) for s, a in zip(slots, actions, strict=True)}
             )
             steps += 1
             for out in outcomes:

@@ -1,7 +1,7 @@
 """The env runner: steps a batch of environments with an inference copy of the policy.
 
-It emits fixed-shape :class:`Fragment` records ``[T, N, ...]`` and knows nothing of Ray: the
-serial runtime calls it directly, the Ray runtime wraps it in an actor.
+It emits fixed-shape :class:`~oni_sys.contracts.Fragment` records ``[T, N, ...]`` and knows
+nothing of Ray: the serial runtime calls it directly, the Ray runtime wraps it in an actor.
 
 Each of its ``env.num_envs`` environments is a set of agent slots (:mod:`oni_sys.envs.slots`):
 one for a Gymnasium env, one per agent for PettingZoo. Column ``j`` of a fragment is slot
@@ -15,58 +15,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from oni_sys.actors.env_interface import act, build_slot_env, interface_of, stack_rows
 from oni_sys.config import Config
+from oni_sys.contracts import EnvInterface, Fragment
+from oni_sys.envs.captioners import make_captioner
 from oni_sys.envs.captions import caption_id, normalise_caption
-from oni_sys.envs.spec import make_captioner
-from oni_sys.models import build_model
+from oni_sys.envs.spec import build_slot_env
+from oni_sys.models.policy import Policy, interface_of, stack_obs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Fragment:
-    """``T`` steps of ``N`` environments, plus what the learner and annotator need from them.
-
-    ``obs`` and ``first`` have ``T + 1`` rows: the last row is the observation to bootstrap from.
-    ``actions`` are ``[T, N, *action_shape]`` (int64 for discrete spaces, float32 for Box).
-    ``caption_ids[t]`` is the caption of the observation reached by action ``t`` (0: none) and
-    ``caption_counts[t]`` how often that caption has been seen in the episode so far, itself
-    included. ``new_captions`` holds the texts this runner has not sent before.
-    """
-
-    obs: dict[str, np.ndarray]
-    first: np.ndarray
-    actions: np.ndarray
-    behaviour_logp: np.ndarray
-    rewards: np.ndarray
-    terminated: np.ndarray
-    truncated: np.ndarray
-    bootstrap_values: np.ndarray
-    caption_ids: np.ndarray
-    caption_counts: np.ndarray
-    initial_state: np.ndarray
-    policy_version: int  # the oldest weights any step of the fragment was acted with
-    runner_index: int
-    new_captions: dict[int, str] = field(default_factory=dict)
-    episodes: list[dict[str, float]] = field(default_factory=list)
-    sample_time: float = 0.0
-
-    def caption_sightings(self) -> dict[int, int]:
-        """How often each caption appears in this fragment (id -> count)."""
-        ids, counts = np.unique(self.caption_ids[self.caption_ids != 0], return_counts=True)
-        return dict(zip(ids.tolist(), counts.tolist()))
-
-    @property
-    def env_steps(self) -> int:
-        """Steps this fragment holds (T x N; with several agents per env, agent steps)."""
-        return int(self.actions.shape[0] * self.actions.shape[1])
 
 
 def _columns(arrays: dict) -> list[np.ndarray]:
@@ -162,7 +123,7 @@ class EnvRunner:
         self.cfg = cfg
         self.index = runner_index
         n = cfg.env.num_envs
-        self.envs = [build_slot_env(cfg) for _ in range(n)]
+        self.envs = [build_slot_env(cfg.env) for _ in range(n)]
         base_seed = cfg.seed * 1_000_003 + seed_offset * 7919 + runner_index * 1009
         self.env_seeds = [base_seed + i for i in range(n)]  # env i is reset with env_seeds[i]
         self.generator = torch.Generator().manual_seed(base_seed)
@@ -170,20 +131,19 @@ class EnvRunner:
         self.interface = interface_of(self.envs[0], resets[0], cfg.model)
         self.slots_per_env = len(self.interface.slot_names)
         self.num_slots = n * self.slots_per_env
-        self.dist = self.interface.dist(cfg.model)
         self.captioner = make_captioner(cfg.env.id, cfg.env.captioner)
-        self.model = build_model(cfg.model, cfg.env.id, self.interface.obs_space, self.dist)
-        self.model.eval()
+        self.policy = Policy(cfg.model, cfg.env.id, self.interface)
+        self.policy.net.eval()
         self.policy_version = 0
         # Decisions waiting for an action: global slot -> model observation.
         self.pending: dict[int, dict[str, np.ndarray]] = {}
         for i, decisions in enumerate(resets):
             self._add_decisions(i, decisions)
         self.next_first = np.ones(self.num_slots, dtype=bool)
-        self.state = self.model.initial_state(self.num_slots)
+        self.state = self.policy.initial_state(self.num_slots)
         example = next(iter(self.pending.values()))
         self.buffers = _SlotBuffers(
-            self.num_slots, cfg.algo.rollout + 1, example, self.dist, self.model.state_size
+            self.num_slots, cfg.algo.rollout + 1, example, self.policy.dist, self.policy.state_size
         )
         self.episode_return = np.zeros(self.num_slots, dtype=np.float64)
         self.episode_length = np.zeros(self.num_slots, dtype=np.int64)
@@ -196,17 +156,13 @@ class EnvRunner:
     def _add_decisions(self, env_index: int, decisions) -> None:
         base = env_index * self.slots_per_env
         for local, (raw, info) in decisions.items():
-            self.pending[base + local] = self.interface.model_obs(raw, info, local)
+            self.pending[base + local] = self.policy.model_obs(raw, info, local)
 
     # -- weights -------------------------------------------------------------------------------
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         """Load new policy weights (tagged with the learner's update count)."""
-        self.model.load_state_dict(weights)
+        self.policy.load_weights(weights)
         self.policy_version = int(version)
-
-    def get_version(self) -> int:
-        """Version of the weights this runner acts with."""
-        return self.policy_version
 
     # -- sampling ------------------------------------------------------------------------------
     def _caption(self, obs: Any, info: dict) -> tuple[int, str | None]:
@@ -240,10 +196,10 @@ class EnvRunner:
         rows = b.count[slots]
         b.ensure_row(int(rows.max()))
         a = b.arrays
-        obs = stack_rows([self.pending.pop(int(s)) for s in slots])
+        obs = stack_obs([self.pending.pop(int(s)) for s in slots])
         first = self.next_first[slots]
         state_in = self.state[slots_t]
-        actions, logp, state_out = act(self.model, self.dist, obs, state_in, first, self.generator)
+        actions, logp, state_out = self.policy.act(obs, state_in, first, self.generator)
         for k, v in obs.items():
             a["obs"][k][rows, slots] = v
         a["first"][rows, slots] = first
@@ -254,7 +210,7 @@ class EnvRunner:
         a["cap_ids"][rows, slots] = 0
         a["cap_counts"][rows, slots] = 0
         a["boot"][rows, slots] = 0.0
-        if self.model.state_size:
+        if self.policy.state_size:
             a["state"][rows, slots] = state_in.numpy()
         self.state[slots_t] = state_out
         self.next_first[slots] = False
@@ -264,7 +220,7 @@ class EnvRunner:
         per_env: dict[int, dict[int, Any]] = {}
         S = self.slots_per_env
         for s, action in zip(slots.tolist(), actions, strict=True):
-            per_env.setdefault(s // S, {})[s % S] = self.dist.to_env(action)
+            per_env.setdefault(s // S, {})[s % S] = self.policy.to_env(action)
         truncated_obs: list[tuple[int, dict[str, np.ndarray]]] = []
         for e, env_actions in per_env.items():
             outcomes, decisions = self.envs[e].step(env_actions)
@@ -289,21 +245,15 @@ class EnvRunner:
                     self._end_episode(g, out.info)
                     if out.truncated:
                         truncated_obs.append(
-                            (g, self.interface.model_obs(out.obs, out.info, out.slot))
+                            (g, self.policy.model_obs(out.obs, out.info, out.slot))
                         )
             self._add_decisions(e, decisions)
         if truncated_obs:
             # Time-limit truncation is not a real end: bootstrap from the final observation
             # with the behaviour policy's value (Pardo et al. 2018, "Time Limits in RL").
             idx = [g for g, _ in truncated_obs]
-            final = stack_rows([o for _, o in truncated_obs])
-            final_t = {k: torch.from_numpy(v).unsqueeze(0) for k, v in final.items()}
-            with torch.no_grad():
-                _, v, _ = self.model(
-                    final_t, self.state[idx], torch.zeros(1, len(idx), dtype=torch.bool)
-                )
-            rows_t = b.count[idx] - 1
-            a["boot"][rows_t, idx] = v[0].numpy()
+            final = stack_obs([o for _, o in truncated_obs])
+            a["boot"][b.count[idx] - 1, idx] = self.policy.value(final, self.state[idx])
 
     def _end_episode(self, g: int, info: dict) -> None:
         stats = {"return": float(self.episode_return[g]), "length": float(self.episode_length[g])}
@@ -377,3 +327,13 @@ class EnvRunner:
         """Close every environment."""
         for env in self.envs:
             env.close()
+
+
+def probe_env(cfg: Config) -> EnvInterface:
+    """Build one env, reset it with the run's seed, and read its interface (for a role that
+    builds a policy without stepping envs: the learner, the Ray driver)."""
+    env = build_slot_env(cfg.env)
+    try:
+        return interface_of(env, env.reset(seed=cfg.seed), cfg.model)
+    finally:
+        env.close()

@@ -123,7 +123,6 @@ class _Waiting:
 class ServiceStats:
     """Counters behind :meth:`AnnotationService.metrics`."""
 
-    submitted_captions: int = 0
     questions_seen: int = 0
     store_hits: int = 0
     requests_total: int = 0
@@ -508,7 +507,6 @@ class AnnotationService:
             for key in [*questions, *plans]:
                 if key in self._pending_writes:
                     known[key] = self._pending_writes[key]
-            self.stats.submitted_captions += len(texts)
             for cid, qids in plans.items():
                 if cid in self._waiting:
                     continue  # another runner sent it first; it is being answered
@@ -594,7 +592,6 @@ class AnnotationService:
     # -- ranking -------------------------------------------------------------------------------
     def _submit_pairs(self, texts: dict[int, str], counts: dict[int, int]) -> None:
         with self._lock:
-            self.stats.submitted_captions += len(texts)
             for cid in texts:
                 cid = int(cid)
                 if cid in self._pair_pool:

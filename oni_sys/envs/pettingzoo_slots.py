@@ -22,17 +22,16 @@ it ever acted in an episode gets no outcome (it took no action), so what it earn
 reported.
 
 pettingzoo is an optional dependency (``pip install oni-sys[pettingzoo]``); this module does not
-import it (:func:`make_slot_env` tells env kinds apart with :func:`oni_sys.envs.spec.env_kind`).
+import it (:func:`oni_sys.envs.spec.make_slot_env` tells env kinds apart).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 
-from oni_sys.envs.slots import Decisions, GymSlots, Outcome, SlotEnv
+from oni_sys.envs.slots import Decisions, Outcome, SlotEnv
 
 if TYPE_CHECKING:
     from pettingzoo import AECEnv
@@ -194,19 +193,3 @@ class AECSlots(_PettingZooSlots):
                 continue
             self._asked = {slot}
             return outcomes, {slot: (obs, info)}
-
-
-def make_slot_env(env: Any) -> SlotEnv:
-    """Slots for a built env: a Gymnasium env, or a PettingZoo Parallel or AEC env."""
-    from oni_sys.envs.spec import env_kind
-
-    try:
-        kind = env_kind(env)
-    except TypeError:
-        missing = importlib.util.find_spec("pettingzoo") is None
-        raise TypeError(
-            "make_slot_env needs a gymnasium.Env, a pettingzoo.ParallelEnv or a "
-            f"pettingzoo.AECEnv, but got a {type(env).__module__}.{type(env).__qualname__}"
-            + (" (and pettingzoo is not installed)." if missing else ".")
-        ) from None
-    return {"gym": GymSlots, "pz_parallel": ParallelSlots, "pz_aec": AECSlots}[kind](env)

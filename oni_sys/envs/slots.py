@@ -117,12 +117,3 @@ class GymSlots(SlotEnv):
 
     def close(self) -> None:
         self.env.close()
-
-
-def make_slot_env(env: Any) -> SlotEnv:
-    """Slots for a built env: a Gymnasium env, or a PettingZoo Parallel or AEC env."""
-    if isinstance(env, gym.Env):
-        return GymSlots(env)
-    from oni_sys.envs.pettingzoo_slots import make_slot_env as make_pettingzoo_slots
-
-    return make_pettingzoo_slots(env)

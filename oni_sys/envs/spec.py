@@ -37,23 +37,16 @@ import difflib
 import importlib
 import importlib.metadata
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 
 import oni_sys.envs.keydoor  # noqa: F401  (registers gym:oni_sys/KeyDoor-v0)
 import oni_sys.envs.vault  # noqa: F401  (registers gym:oni_sys/Vault-v0)
+from oni_sys.envs.captioners import LoadProblem, import_problem, is_python_name, load_attribute
 
-# Re-exported for compatibility: captioners used to live here.
-from oni_sys.envs.captioners import (  # noqa: F401
-    Captioner,
-    LoadProblem,
-    import_problem,
-    info_captioner,
-    is_python_name,
-    load_attribute,
-    make_captioner,
-)
+if TYPE_CHECKING:
+    from oni_sys.envs.slots import SlotEnv
 
 #: The entry-point group other packages use to add environments.
 ENTRY_POINT_GROUP = "oni_sys.envs"
@@ -283,11 +276,6 @@ def check_env_spec(spec: str) -> str | None:
     return None
 
 
-def is_nethack(spec: str) -> bool:
-    """True for NetHack specs (they get the NetHack network and captioner by default)."""
-    return spec.startswith("nle:")
-
-
 def env_kind(env: Any) -> str:
     """What an env object is: ``"gym"``, ``"pz_parallel"`` or ``"pz_aec"``.
 
@@ -341,3 +329,32 @@ def make_env(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
             f"(type {got}), not {expected}"
         )
     return env
+
+
+def make_slot_env(env: Any) -> SlotEnv:
+    """Agent slots (:mod:`oni_sys.envs.slots`) for a built env: a Gymnasium env, or a PettingZoo
+    Parallel or AEC env.
+
+    Example::
+
+        slots = make_slot_env(gym.make("CartPole-v1"))
+        decisions = slots.reset(seed=0)  # {0: (obs, info)}
+    """
+    from oni_sys.envs.pettingzoo_slots import AECSlots, ParallelSlots
+    from oni_sys.envs.slots import GymSlots
+
+    try:
+        kind = env_kind(env)
+    except TypeError:
+        missing = importlib.util.find_spec("pettingzoo") is None
+        raise TypeError(
+            "make_slot_env needs a gymnasium.Env, a pettingzoo.ParallelEnv or a "
+            f"pettingzoo.AECEnv, but got a {type(env).__module__}.{type(env).__qualname__}"
+            + (" (and pettingzoo is not installed)." if missing else ".")
+        ) from None
+    return {"gym": GymSlots, "pz_parallel": ParallelSlots, "pz_aec": AECSlots}[kind](env)
+
+
+def build_slot_env(env_cfg: Any) -> SlotEnv:
+    """One environment from ``env.id`` and ``env.kwargs`` of a config, as agent slots."""
+    return make_slot_env(make_env(env_cfg.id, env_cfg.kwargs))

@@ -9,12 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from oni_sys.actors.env_interface import MASK_KEY, EnvInterface
-from oni_sys.actors.env_runner import Fragment
 from oni_sys.config import Config
+from oni_sys.contracts import EnvInterface, Fragment
 from oni_sys.learners.intrinsic import IntrinsicReward, share_window
 from oni_sys.learners.vtrace import appo_loss
-from oni_sys.models import build_model
+from oni_sys.models.policy import Policy
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +52,9 @@ class PolicyLearner:
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.device = pick_device(cfg.runtime.device)
-        self.dist = interface.dist(cfg.model)
-        self.model = build_model(cfg.model, cfg.env.id, interface.obs_space, self.dist).to(
-            self.device
-        )
+        self.policy = Policy(cfg.model, cfg.env.id, interface, self.device)
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.algo.lr, eps=cfg.algo.adam_eps
+            self.policy.net.parameters(), lr=cfg.algo.lr, eps=cfg.algo.adam_eps
         )
         self.intrinsic = IntrinsicReward(
             cfg.reward,
@@ -72,19 +68,13 @@ class PolicyLearner:
         self.signal_seen = False
         self._first_reward: float | None = None
         logger.info(
-            "policy learner on %s, %d parameters",
-            self.device,
-            sum(p.numel() for p in self.model.parameters()),
+            "policy learner on %s, %d parameters", self.device, self.policy.num_parameters()
         )
 
     # -- weights and checkpoints ---------------------------------------------------------------
     def get_weights(self) -> dict[str, torch.Tensor]:
         """CPU copy of the policy weights, for env runners."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-
-    def get_version(self) -> int:
-        """Number of updates applied so far (the version of the current weights)."""
-        return self.version
+        return self.policy.get_weights()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue training: model, optimizer, counters, RNG."""
@@ -102,7 +92,7 @@ class PolicyLearner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
-        self.model.load_state_dict(state["model"])
+        self.policy.load_weights(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state["version"])
         self.env_steps_trained = int(state["env_steps_trained"])
@@ -151,81 +141,45 @@ class PolicyLearner:
 
         Fragments acted with weights more than ``algo.max_policy_lag`` updates old are dropped.
         Returns training statistics; ``trained`` is 0 when every fragment was dropped.
+
+        Example::
+
+            stats = learner.learn([runner.sample() for _ in range(cfg.algo.fragments_per_batch)])
+            runner.set_weights(learner.get_weights(), learner.version)
         """
         start = time.perf_counter()
         algo = self.cfg.algo
-        lags = [self.version - f.policy_version for f in fragments]
-        keep = [f for f, lag in zip(fragments, lags, strict=True) if lag <= algo.max_policy_lag]
-        dropped = len(fragments) - len(keep)
-        self.fragments_dropped += dropped
-        stats: dict[str, float] = {
-            "policy_lag_mean": float(np.mean(lags)),
-            "policy_lag_max": float(np.max(lags)),
-            "fragments_dropped": float(self.fragments_dropped),
-            "trained": 0.0,
-        }
-        for f in fragments:  # texts of dropped fragments are still needed later
-            self.intrinsic.register(f.new_captions)
+        keep, stats = self._admit(fragments)
         if not keep:
             return stats
-        reward_start = time.perf_counter()
-        shaped, intrinsic_parts = [], []
-        for f in keep:
-            r, intrinsic = self.intrinsic.shape(f.rewards, f.caption_ids, f.caption_counts)
-            self.intrinsic.track_episodes(f.runner_index, intrinsic, f.terminated | f.truncated)
-            shaped.append(r)
-            intrinsic_parts.append(intrinsic)
-        intrinsic_all = np.concatenate(intrinsic_parts, axis=1)
-        caption_ids = np.concatenate([f.caption_ids for f in keep], axis=1)
-        stats.update(self.intrinsic.record(caption_ids, intrinsic_all))  # reward-hacking report
-        stats.update(
-            {
-                "reward_time": time.perf_counter() - reward_start,
-                "reward_snapshot_version": float(self.intrinsic.snapshot_version),
-                "intrinsic_reward_mean": float(intrinsic_all.mean()),
-                "intrinsic_reward_nonzero": float((intrinsic_all != 0).mean()),
-            }
-        )
-        if self.intrinsic.intrinsic_returns:
-            stats["intrinsic_return_mean"] = float(np.mean(self.intrinsic.intrinsic_returns))
-        batch = concat_fragments(keep)
-        batch["rewards"] = np.concatenate(shaped, axis=1).astype(np.float32)
-        self._look_for_signal(batch["rewards"], batch["terminated"])
+        # r = c_ext * r_ext + c_int * r_int(caption) / N(caption)^beta (docs/ALGORITHM.md §1)
+        rewards = self._shaped_rewards(keep, stats)
+        arrays = concat_fragments(keep)
+        self._look_for_signal(rewards, arrays["terminated"])
+        batch = self._to_device(arrays, rewards)
         normalize = algo.normalize_advantages and (
             self.signal_seen or not algo.normalize_after_signal
         )
         stats["reward_signal_seen"] = float(self.signal_seen)
-        dev = self.device
-        obs = {k: torch.as_tensor(v, device=dev) for k, v in batch["obs"].items()}
-        first = torch.as_tensor(batch["first"], device=dev)
-        actions = torch.as_tensor(batch["actions"], device=dev)
-        behaviour_logp = torch.as_tensor(batch["behaviour_logp"], device=dev)
-        done = torch.as_tensor(batch["terminated"] | batch["truncated"], device=dev)
-        truncated = torch.as_tensor(batch["truncated"], device=dev).float()
-        boot = torch.as_tensor(batch["bootstrap_values"], device=dev)
-        rewards = torch.as_tensor(batch["rewards"], device=dev)
-        # A truncated step keeps the value of its final observation (computed by the runner).
-        rewards = rewards + algo.gamma * truncated * boot
-        discounts = algo.gamma * (~done).float()
-        init_state = torch.as_tensor(batch["initial_state"], device=dev)
         lr = self._set_lr()
-        T, n = actions.shape[:2]
-        mask = obs.get(MASK_KEY)
+        T, n = batch["actions"].shape[:2]
         sums: dict[str, float] = {}
         steps = 0
-        self.model.train()
+        self.policy.net.train()
         for _ in range(algo.num_epochs):
-            perm = torch.randperm(n)
-            for mb in torch.chunk(perm, algo.num_minibatches):
-                mb_obs = {k: v[:, mb] for k, v in obs.items()}
-                mb_mask = None if mask is None else mask[:T, mb]
-                logits, values, _ = self.model(mb_obs, init_state[mb], first[:, mb])
-                out = appo_loss(
-                    logits[:T],
-                    actions[:, mb],
-                    behaviour_logp[:, mb],
-                    rewards[:, mb],
-                    discounts[:, mb],
+            for mb in torch.chunk(torch.randperm(n), algo.num_minibatches):
+                logp, entropy, values = self.policy.evaluate_actions(
+                    {k: v[:, mb] for k, v in batch["obs"].items()},
+                    batch["initial_state"][mb],
+                    batch["first"][:, mb],
+                    batch["actions"][:, mb],
+                )
+                out = appo_loss(  # V-trace targets and the clipped surrogate (vtrace.py)
+                    logp,
+                    entropy,
+                    batch["behaviour_logp"][:, mb],
+                    batch["rewards"][:, mb],
+                    batch["discounts"][:, mb],
                     values[:T],
                     values[T],
                     clip_coef=algo.clip_coef,
@@ -235,27 +189,13 @@ class PolicyLearner:
                     c_bar=algo.c_bar,
                     normalize_advantages=normalize,
                     advantage_std_floor=algo.advantage_std_floor,
-                    logp_entropy=lambda p, a, m=mb_mask: self.dist.logp_entropy(p, a, m),
                 )
-                self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.model.parameters(), algo.max_grad_norm
-                )
-                self.optimizer.step()
-                for name in (
-                    "loss",
-                    "policy_loss",
-                    "value_loss",
-                    "entropy",
-                    "approx_kl",
-                    "advantage_std",
-                ):
+                grad_norm = self._step(out.loss)
+                for name in _LOSS_STATS:
                     sums[name] = sums.get(name, 0.0) + float(getattr(out, name).detach())
-                sums["clip_fraction"] = sums.get("clip_fraction", 0.0) + float(out.clip_fraction)
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
                 steps += 1
-        self.model.eval()
+        self.policy.net.eval()
         self.version += 1
         self.env_steps_trained += T * n
         stats.update({k: v / steps for k, v in sums.items()})
@@ -268,3 +208,84 @@ class PolicyLearner:
             }
         )
         return stats
+
+    def _admit(self, fragments: list[Fragment]) -> tuple[list[Fragment], dict[str, float]]:
+        """The fragments recent enough to learn from, and the lag statistics."""
+        lags = [self.version - f.policy_version for f in fragments]
+        keep = [
+            f for f, lag in zip(fragments, lags, strict=True) if lag <= self.cfg.algo.max_policy_lag
+        ]
+        self.fragments_dropped += len(fragments) - len(keep)
+        for f in fragments:  # texts of dropped fragments are still needed later
+            self.intrinsic.register(f.new_captions)
+        stats = {
+            "policy_lag_mean": float(np.mean(lags)),
+            "policy_lag_max": float(np.max(lags)),
+            "fragments_dropped": float(self.fragments_dropped),
+            "trained": 0.0,
+        }
+        return keep, stats
+
+    def _shaped_rewards(self, keep: list[Fragment], stats: dict[str, float]) -> np.ndarray:
+        """Extrinsic plus intrinsic reward of every step ``[T, N]``; adds the intrinsic
+        reward's statistics (and the reward-hacking report) to ``stats``."""
+        reward_start = time.perf_counter()
+        shaped, intrinsic_parts = [], []
+        for f in keep:
+            r, intrinsic = self.intrinsic.shape(f.rewards, f.caption_ids, f.caption_counts)
+            self.intrinsic.track_episodes(f.runner_index, intrinsic, f.terminated | f.truncated)
+            shaped.append(r)
+            intrinsic_parts.append(intrinsic)
+        intrinsic_all = np.concatenate(intrinsic_parts, axis=1)
+        caption_ids = np.concatenate([f.caption_ids for f in keep], axis=1)
+        stats.update(self.intrinsic.record(caption_ids, intrinsic_all))
+        stats.update(
+            {
+                "reward_time": time.perf_counter() - reward_start,
+                "reward_snapshot_version": float(self.intrinsic.snapshot_version),
+                "intrinsic_reward_mean": float(intrinsic_all.mean()),
+                "intrinsic_reward_nonzero": float((intrinsic_all != 0).mean()),
+            }
+        )
+        if self.intrinsic.intrinsic_returns:
+            stats["intrinsic_return_mean"] = float(np.mean(self.intrinsic.intrinsic_returns))
+        return np.concatenate(shaped, axis=1).astype(np.float32)
+
+    def _to_device(self, batch: dict[str, Any], rewards: np.ndarray) -> dict[str, Any]:
+        """The batch as tensors on the learner's device, with V-trace's rewards and discounts."""
+        dev = self.device
+        gamma = self.cfg.algo.gamma
+        done = batch["terminated"] | batch["truncated"]
+        out: dict[str, Any] = {
+            "obs": {k: torch.as_tensor(v, device=dev) for k, v in batch["obs"].items()}
+        }
+        for name in ("first", "actions", "behaviour_logp", "initial_state"):
+            out[name] = torch.as_tensor(batch[name], device=dev)
+        truncated = torch.as_tensor(batch["truncated"], device=dev).float()
+        boot = torch.as_tensor(batch["bootstrap_values"], device=dev)
+        # A truncated step keeps the value of its final observation (computed by the runner).
+        out["rewards"] = torch.as_tensor(rewards, device=dev) + gamma * truncated * boot
+        out["discounts"] = gamma * (~torch.as_tensor(done, device=dev)).float()
+        return out
+
+    def _step(self, loss: torch.Tensor) -> float:
+        """Backward pass, gradient clipping and an optimizer step; returns the gradient norm."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.policy.net.parameters(), self.cfg.algo.max_grad_norm
+        )
+        self.optimizer.step()
+        return float(grad_norm)
+
+
+#: scalar outputs of :func:`appo_loss` averaged over an update's minibatches
+_LOSS_STATS = (
+    "loss",
+    "policy_loss",
+    "value_loss",
+    "entropy",
+    "approx_kl",
+    "advantage_std",
+    "clip_fraction",
+)

@@ -18,12 +18,9 @@ pi is the target (learner) policy, mu the behaviour (actor) policy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from oni_sys.models.distributions import categorical_logp_entropy
 
 
 @dataclass
@@ -92,14 +89,14 @@ class APPOLossOutput:
     advantage_std: torch.Tensor  # scalar, std of the advantages before normalisation
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # where() rather than x * mask so NaN/inf in masked-out entries cannot leak into the mean.
-    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    # where() rather than x * valid so NaN/inf in masked-out entries cannot leak into the mean.
+    return torch.where(valid, x, torch.zeros_like(x)).sum() / valid.sum().clamp(min=1)
 
 
 def appo_loss(
-    logits: torch.Tensor,
-    actions: torch.Tensor,
+    target_logp: torch.Tensor,
+    entropy: torch.Tensor,
     behaviour_logp: torch.Tensor,
     rewards: torch.Tensor,
     discounts: torch.Tensor,
@@ -113,35 +110,27 @@ def appo_loss(
     c_bar: float = 1.0,
     normalize_advantages: bool = True,
     advantage_std_floor: float = 0.0,
-    mask: torch.Tensor | None = None,
-    logp_entropy: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    | None = None,
+    valid: torch.Tensor | None = None,
 ) -> APPOLossOutput:
     """APPO loss: PPO clipped surrogate on V-trace advantages, plus value and entropy terms.
 
-    logits [T, B, A] (current policy, with grad; categorical unless ``logp_entropy`` is given:
-    then any policy parameters, and ``logp_entropy(logits, actions) -> (logp, entropy)`` reads
-    them), actions [T, B, ...],
-    behaviour_logp [T, B] (actor's log mu(a|x)), values [T, B] with grad, bootstrap_value [B]
-    (may carry grad; detached here, it only serves as a target). mask [T, B] bool/float selects
-    valid entries (None = all) for every mean. The rho_pg_bar of V-trace is set to rho_bar.
-
+    target_logp [T, B] (log pi(a|x) of the current policy, with grad) and entropy [T, B] (with
+    grad), behaviour_logp [T, B] (the actor's log mu(a|x)), values [T, B] with grad,
+    bootstrap_value [B] (may carry grad; detached here, it only serves as a target). valid [T, B]
+    bool/float marks the entries that count (None = all) for every mean. The rho_pg_bar of V-trace is
+    set to rho_bar.
     ``normalize_advantages`` subtracts the advantages' mean and divides by
     ``max(std, advantage_std_floor)`` (a floor of 0 is the classic ``max(std, 1e-8)``).
-
     Masked-out entries have their reward treated as 0 inside V-trace so it cannot reach earlier
     targets; the recursion still runs through them, so a step after which bootstrapping must stop
     (e.g. the last valid step before padding) needs discount 0 from the caller.
     """
-    mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
+    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid.bool()
 
-    if logp_entropy is None:
-        logp_entropy = categorical_logp_entropy
-    target_logp, entropy = logp_entropy(logits, actions)
     log_ratio = target_logp - behaviour_logp
     ratio = torch.exp(log_ratio)  # pi / mu, with grad through pi
 
-    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    rewards = torch.where(valid, rewards, torch.zeros_like(rewards))
     vt = vtrace(
         behaviour_logp,
         target_logp.detach(),
@@ -156,8 +145,8 @@ def appo_loss(
 
     adv = vt.pg_advantages
     # Statistics over valid entries only, so padding does not shift or shrink them.
-    mean = _masked_mean(adv, mask)
-    var = _masked_mean((adv - mean) ** 2, mask)
+    mean = _masked_mean(adv, valid)
+    var = _masked_mean((adv - mean) ** 2, valid)
     if normalize_advantages:
         # Divided by max(std, floor): a batch whose advantages are all smaller than the floor
         # (no reward seen yet: value noise only) keeps its scale instead of being blown up to
@@ -166,16 +155,16 @@ def appo_loss(
 
     # PPO clipped surrogate, maximised -> negated for a loss.
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) * adv)
-    policy_loss = -_masked_mean(surrogate, mask)
-    value_loss = 0.5 * _masked_mean((values - vt.vs) ** 2, mask)
-    mean_entropy = _masked_mean(entropy, mask)
+    policy_loss = -_masked_mean(surrogate, valid)
+    value_loss = 0.5 * _masked_mean((values - vt.vs) ** 2, valid)
+    mean_entropy = _masked_mean(entropy, valid)
     loss = policy_loss + vf_coef * value_loss - ent_coef * mean_entropy
 
     with torch.no_grad():
         # k3 estimator (Schulman, "Approximating KL divergence"): unbiased, always >= 0.
-        approx_kl = _masked_mean((ratio - 1.0) - log_ratio, mask)
+        approx_kl = _masked_mean((ratio - 1.0) - log_ratio, valid)
         clipped = ((ratio - 1.0).abs() > clip_coef).to(ratio.dtype)
-        clip_fraction = _masked_mean(clipped, mask)
+        clip_fraction = _masked_mean(clipped, valid)
 
     return APPOLossOutput(
         loss=loss,

@@ -14,9 +14,8 @@ import gymnasium as gym
 import torch
 from torch import nn
 
+from oni_sys.contracts import GROUP_KEY
 from oni_sys.models.base import ActorCritic
-
-GROUP_KEY = "policy_group"
 
 
 class GroupedPolicy(ActorCritic):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from oni_sys.envs.spaces import MASK_KEY
+from oni_sys.contracts import MASK_KEY
 from oni_sys.models.base import ActorCritic, ortho_init, unroll_gru
 from oni_sys.models.distributions import ActionDist, as_dist
 from oni_sys.models.encoders import ImageEncoder, image_layout

@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from oni_sys.actors.env_interface import probe_env
-from oni_sys.actors.env_runner import EnvRunner, Fragment
+from oni_sys.actors.env_runner import EnvRunner, probe_env
 from oni_sys.annotators.preflight import TROUBLESHOOTING, AnnotatorUnavailable
 from oni_sys.config import Config
+from oni_sys.contracts import Fragment, FragmentSummary, WeightsPacket
 from oni_sys.learners.policy_learner import PolicyLearner
+from oni_sys.runtime.actor_manager import ActorManager
 from oni_sys.runtime.base import Runtime
 
 logger = logging.getLogger(__name__)
@@ -31,22 +32,14 @@ logger = logging.getLogger(__name__)
 class RunnerActor(EnvRunner):
     """An env runner that answers with (fragment, small summary) as two objects."""
 
-    def sample_with_summary(self) -> tuple[Fragment, dict[str, Any]]:
+    def sample_with_summary(self) -> tuple[Fragment, FragmentSummary]:
         """Sample a fragment; the summary is what the driver needs without the arrays."""
         fragment = self.sample()
-        summary = {
-            "env_steps": fragment.env_steps,
-            "episodes": fragment.episodes,
-            "policy_version": fragment.policy_version,
-            "sample_time": fragment.sample_time,
-            "new_captions": fragment.new_captions,
-            "caption_sightings": fragment.caption_sightings(),
-        }
-        return fragment, summary
+        return fragment, fragment.summary()
 
-    def load_packet(self, packet: dict[str, Any]) -> None:
-        """Load a ``{"weights", "version"}`` packet published by the learner."""
-        self.set_weights(packet["weights"], packet["version"])
+    def load_packet(self, packet: WeightsPacket) -> None:
+        """Load weights published by the learner."""
+        self.set_weights(packet.weights, packet.version)
 
     def pid(self) -> int:
         """Process id (tests use it to kill a runner)."""
@@ -66,9 +59,9 @@ class LearnerActor(PolicyLearner):
         stats["version"] = float(self.version)
         return stats
 
-    def weights_packet(self) -> dict[str, Any]:
+    def weights_packet(self) -> WeightsPacket:
         """Weights and their version, as one object for every runner to read."""
-        return {"weights": self.get_weights(), "version": self.version}
+        return WeightsPacket(self.get_weights(), self.version)
 
     def reward_snapshot_version(self) -> int:
         """Version of the reward snapshot in use (a restarted reward learner publishes above it)."""
@@ -77,55 +70,6 @@ class LearnerActor(PolicyLearner):
     def reward_table(self) -> dict[str, Any]:
         """The per-caption intrinsic reward table (``intrinsic_rewards.json``)."""
         return self.intrinsic.table()
-
-
-class _LatestAnswer:
-    """Calls an actor method in the background and returns its latest answer without waiting.
-
-    Until the first answer, ``keys`` are reported as unknown (null), not as zeros. The actor
-    counts as unreachable while a call fails or has been unanswered for ``stale_s``; one log
-    line is written when it becomes unreachable and one when it answers again.
-    """
-
-    def __init__(self, method, keys: tuple[str, ...], what: str, stale_s: float = 10.0):
-        self.method = method
-        self.what = what
-        self.stale_s = stale_s
-        self.ref = None
-        self.sent_at = 0.0
-        self.value: dict[str, Any] = dict.fromkeys(keys)
-        #: monotonic time since which the actor has not answered (None: it answers)
-        self.down_since: float | None = None
-
-    def get(self) -> dict[str, Any]:
-        import ray
-
-        now = time.monotonic()
-        if self.ref is not None:
-            ready, _ = ray.wait([self.ref], timeout=0)
-            if ready:
-                self.ref = None
-                try:
-                    self.value = ray.get(ready[0])
-                    self._set_up(now)
-                except Exception as exc:  # noqa: BLE001 (a dead helper must not stop training)
-                    self._set_down(self.sent_at, f"{type(exc).__name__}: {exc}")
-            elif now - self.sent_at > self.stale_s:
-                self._set_down(self.sent_at, f"no answer for {now - self.sent_at:.0f} s")
-        if self.ref is None:
-            self.ref = self.method.remote()
-            self.sent_at = now
-        return dict(self.value)
-
-    def _set_down(self, since: float, why: str) -> None:
-        if self.down_since is None:
-            self.down_since = since
-            logger.warning("%s unreachable (%s)", self.what, why.splitlines()[0][:300])
-
-    def _set_up(self, now: float) -> None:
-        if self.down_since is not None:
-            logger.warning("%s answers again after %.0f s", self.what, now - self.down_since)
-            self.down_since = None
 
 
 def _worker_logging() -> None:
@@ -228,27 +172,23 @@ class RemoteAnnotator:
         import ray
 
         self.cfg = cfg
-        self.actor = (
-            ray.remote(AnnotatorActor)
-            .options(
-                num_cpus=cfg.runtime.annotator_cpus,
-                max_concurrency=4,
-                max_restarts=-1,  # for as long as the outage limit allows
-                max_task_retries=-1,  # submits sent to a dying actor reach its successor
-            )
-            .remote(cfg, str(store_path))
+        actor_cls = ray.remote(AnnotatorActor).options(
+            num_cpus=cfg.runtime.annotator_cpus,
+            max_concurrency=4,
+            max_restarts=-1,  # for as long as the outage limit allows
+            max_task_retries=-1,  # submits sent to a dying actor reach its successor
         )
+        self.manager = ActorManager(
+            "annotator", lambda _: actor_cls.remote(cfg, str(store_path)), restart="ray"
+        )
+        self.actor = self.manager[0]
         self.forget = forget
-        self._status = _LatestAnswer(
-            self.actor.status, ("metrics", "failure", "pid"), "annotator actor"
-        )
+        self._status = self.manager.latest(0, "status", ("metrics", "failure", "pid"))
         self._status.value["metrics"] = dict.fromkeys(
             ("labels_total", "annotator_queue", "annotator_requests_total")
         )
-        self._pid: int | None = None
         #: the annotator version (known after :meth:`preflight`)
         self.version: str | None = None
-        self.actor_restarts = 0
         self.dropped = 0
         self._submits: list[Any] = []
         self._texts: dict[int, str] = {}
@@ -301,11 +241,7 @@ class RemoteAnnotator:
 
     def _poll(self) -> dict[str, Any]:
         status = self._status.get()
-        pid = status.get("pid")
-        if pid is not None and self._pid is not None and pid != self._pid:
-            self.actor_restarts += 1
-        if pid is not None:
-            self._pid = pid
+        self.manager.saw_pid(0, status.get("pid"))
         return status
 
     def metrics(self) -> dict[str, float]:
@@ -319,10 +255,9 @@ class RemoteAnnotator:
                 float(out.get("annotator_outage_s") or 0.0),
                 time.monotonic() - self._status.down_since,
             )
-        if out.get("annotator_restarts") is not None or self.actor_restarts:
-            out["annotator_restarts"] = float(out.get("annotator_restarts") or 0) + float(
-                self.actor_restarts
-            )
+        restarts = self.manager.restarts
+        if out.get("annotator_restarts") is not None or restarts:
+            out["annotator_restarts"] = float(out.get("annotator_restarts") or 0) + float(restarts)
         if self.dropped:
             out["annotator_dropped"] = float(out.get("annotator_dropped") or 0) + self.dropped
         return out
@@ -343,13 +278,7 @@ class RemoteAnnotator:
 
     def close(self) -> None:
         """Let the annotator write its answers, then stop it."""
-        import ray
-
-        try:
-            ray.get(self.actor.close.remote(), timeout=60)
-        except Exception as exc:  # noqa: BLE001
-            logger.warning("annotator did not close cleanly: %s", exc)
-        ray.kill(self.actor)
+        self.manager.close("close")
 
 
 class RewardLearnerActor:
@@ -450,21 +379,21 @@ class RemoteRewardLearner:
         state = None
         if runtime.checkpoint and "reward" in runtime.checkpoint["learner"]:
             state = runtime.checkpoint["learner"]["reward"]
-        self.actor = (
-            ray.remote(RewardLearnerActor)
-            .options(
-                num_cpus=cfg.runtime.reward_learner_cpus,
-                max_concurrency=4,
-                max_restarts=-1,
-                max_task_retries=-1,
-            )
-            .remote(cfg, runtime.annotator.actor, runtime.learner, state)
+        actor_cls = ray.remote(RewardLearnerActor).options(
+            num_cpus=cfg.runtime.reward_learner_cpus,
+            max_concurrency=4,
+            max_restarts=-1,
+            max_task_retries=-1,
         )
+        self.manager = ActorManager(
+            "reward learner",
+            lambda _: actor_cls.remote(cfg, runtime.annotator.actor, runtime.learner, state),
+            restart="ray",
+        )
+        self.actor = self.manager[0]
         self.runtime = runtime
         self._state = state
-        self._metrics = _LatestAnswer(
-            self.actor.metrics, ("reward_learner_version",), "reward learner actor"
-        )
+        self._metrics = self.manager.latest(0, "metrics", ("reward_learner_version",))
 
     def metrics(self) -> dict[str, float]:
         """The latest metrics, plus how many snapshots the policy learner is behind."""
@@ -490,13 +419,7 @@ class RemoteRewardLearner:
 
     def close(self) -> None:
         """Stop the actor."""
-        import ray
-
-        try:
-            ray.get(self.actor.close.remote(), timeout=60)
-        except Exception as exc:  # noqa: BLE001
-            logger.warning("reward learner did not close cleanly: %s", exc)
-        ray.kill(self.actor)
+        self.manager.close("close")
 
 
 class RayRuntime(Runtime):
@@ -546,19 +469,25 @@ class RayRuntime(Runtime):
         if self.checkpoint:
             ray.get(self.learner.load_state_dict.remote(self.checkpoint["learner"]["state"]))
         self._runner_cls = ray.remote(RunnerActor).options(num_cpus=rt.cpus_per_env_runner)
-        self.runners: list[Any] = [None] * rt.num_env_runners
         self._spawned = 0
         self.weights = self.learner.weights_packet.remote()
-        for i in range(rt.num_env_runners):
-            self._spawn_runner(i)
+        self.runners = ActorManager(
+            "env runner",
+            self._spawn_runner,
+            count=rt.num_env_runners,
+            max_restarts=rt.max_runner_restarts,
+            limit_name="runtime.max_runner_restarts",
+            restarts=self.tracker.runner_restarts,
+        )
 
-    def _spawn_runner(self, index: int) -> None:
+    def _spawn_runner(self, index: int):
+        """A new env runner actor holding the current weights."""
         # Every runner ever started gets a fresh seed offset: a replacement plays new episodes.
         self._spawned += 1
         offset = self.tracker.updates * 1000 + self._spawned
         runner = self._runner_cls.remote(self.cfg, index, offset)
         runner.load_packet.remote(self.weights)
-        self.runners[index] = runner
+        return runner
 
     def _train_loop(self) -> None:
         import ray
@@ -572,9 +501,7 @@ class RayRuntime(Runtime):
         ready_fragments: list[Any] = []
 
         def request(index: int) -> None:
-            frag_ref, summary_ref = (
-                self.runners[index].sample_with_summary.options(num_returns=2).remote()
-            )
+            frag_ref, summary_ref = self.runners.call(index, "sample_with_summary", num_returns=2)
             sampling[summary_ref] = (index, frag_ref)
 
         for i in range(len(self.runners)):
@@ -591,8 +518,7 @@ class RayRuntime(Runtime):
                 if updates_since_broadcast >= rt.broadcast_every:
                     updates_since_broadcast = 0
                     self.weights = self.learner.weights_packet.remote()
-                    for runner in self.runners:
-                        runner.load_packet.remote(self.weights)
+                    self.runners.broadcast("load_packet", self.weights)
                 continue
             if stopping:
                 continue
@@ -603,12 +529,13 @@ class RayRuntime(Runtime):
             try:
                 summary = ray.get(done[0])
             except RayActorError as exc:
-                self._replace_runner(index, exc)
+                self.runners.replace(index, exc)
+                self.tracker.runner_restarts = self.runners.restarts
                 request(index)
                 continue
             request(index)
-            self.tracker.on_fragment(summary["env_steps"], summary["episodes"])
-            self._on_captions(summary["new_captions"], summary["caption_sightings"])
+            self.tracker.on_fragment(summary.env_steps, summary.episodes)
+            self._on_captions(summary.new_captions, summary.caption_sightings)
             ready_fragments.append(frag_ref)
             if len(ready_fragments) >= per_batch:
                 learning.append(self.learner.learn_many.remote(*ready_fragments))
@@ -616,27 +543,10 @@ class RayRuntime(Runtime):
         for ref in sampling:  # runners still sampling: their fragments are not needed
             ray.cancel(ref, force=False)
 
-    def _replace_runner(self, index: int, exc: Exception) -> None:
-        import ray
-
-        self.tracker.runner_restarts += 1
-        if self.tracker.runner_restarts > self.cfg.runtime.max_runner_restarts:
-            raise RuntimeError(
-                f"env runners crashed {self.tracker.runner_restarts} times, more than "
-                f"runtime.max_runner_restarts={self.cfg.runtime.max_runner_restarts}; last: {exc}"
-            ) from exc
-        logger.warning("env runner %d died (%s); starting a replacement", index, type(exc).__name__)
-        try:
-            ray.kill(self.runners[index])
-        except Exception:  # noqa: BLE001 (already gone is the usual case)
-            pass
-        self._spawn_runner(index)
-
     def _start_annotator(self) -> RemoteAnnotator:
         def forget(ids: list[int]) -> None:
-            for runner in getattr(self, "runners", []):
-                if runner is not None:
-                    runner.forget_captions.remote(ids)
+            if getattr(self, "runners", None) is not None:
+                self.runners.broadcast("forget_captions", ids)
 
         return RemoteAnnotator(self.cfg, self.annotator_store_path(), forget)
 
@@ -669,9 +579,8 @@ class RayRuntime(Runtime):
     def _stop_roles(self) -> None:
         import ray
 
-        for runner in getattr(self, "runners", []):
-            if runner is not None:
-                ray.kill(runner)
+        if getattr(self, "runners", None) is not None:
+            self.runners.close()
         if getattr(self, "learner", None) is not None:
             ray.kill(self.learner)
         if getattr(self, "_started_ray", False):

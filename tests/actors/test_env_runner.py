@@ -76,11 +76,11 @@ def test_an_agent_that_acts_more_often_keeps_a_bounded_backlog():
     # A column that starts after dropped records unrolls from its own stored state.
     obs = {k: torch.as_tensor(v) for k, v in f.obs.items()}
     with torch.no_grad():
-        params, _, _ = learner.model(
-            obs, torch.as_tensor(f.initial_state), torch.as_tensor(f.first)
-        )
-        logp, _ = learner.dist.logp_entropy(
-            params[:-1], torch.as_tensor(f.actions), obs["action_mask"][:-1]
+        logp, _, _ = learner.policy.evaluate_actions(
+            obs,
+            torch.as_tensor(f.initial_state),
+            torch.as_tensor(f.first),
+            torch.as_tensor(f.actions),
         )
     np.testing.assert_allclose(logp.numpy(), f.behaviour_logp, atol=1e-5)
     runner.close()

@@ -12,6 +12,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from oni_sys.envs import keydoor
+from oni_sys.envs.captioners import info_captioner
 from oni_sys.envs.keydoor import (
     DISTRACTOR_CAPTIONS,
     DOOR_CAPTION,
@@ -25,8 +26,8 @@ from oni_sys.envs.keydoor import (
     State,
     transition,
 )
-from oni_sys.envs.spaces import dict_space, obs_to_dict
-from oni_sys.envs.spec import info_captioner, make_env
+from oni_sys.envs.spec import make_env
+from oni_sys.models.spaces import dict_space, obs_to_dict
 
 ALL_CAPTIONS = set(EVENT_CAPTIONS) | set(DISTRACTOR_CAPTIONS) | set(NOISE_CAPTIONS)
 

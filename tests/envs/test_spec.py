@@ -19,7 +19,8 @@ import pytest
 
 from oni_sys.config import ConfigError, load_config
 from oni_sys.envs import captioners
-from oni_sys.envs.spec import EnvSpecError, check_env_spec, env_kind, make_captioner, make_env
+from oni_sys.envs.captioners import make_captioner
+from oni_sys.envs.spec import EnvSpecError, check_env_spec, env_kind, make_env
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,8 @@ from gymnasium.utils.env_checker import check_env
 from oni_sys.annotators.rules_backend import RulesBackend
 from oni_sys.config import load_config
 from oni_sys.envs import vault
-from oni_sys.envs.spec import info_captioner, make_env
+from oni_sys.envs.captioners import info_captioner
+from oni_sys.envs.spec import make_env
 from oni_sys.envs.vault import (
     ENV_ID,
     KEY_CAPTION,

@@ -15,12 +15,11 @@ from oni_sys.learners.policy_learner import PolicyLearner
 def _replay_logp(learner: PolicyLearner, fragment) -> np.ndarray:
     obs = {k: torch.as_tensor(v) for k, v in fragment.obs.items()}
     with torch.no_grad():
-        params, _, _ = learner.model(
-            obs, torch.as_tensor(fragment.initial_state), torch.as_tensor(fragment.first)
-        )
-        mask = obs.get("action_mask")
-        logp, _ = learner.dist.logp_entropy(
-            params[:-1], torch.as_tensor(fragment.actions), None if mask is None else mask[:-1]
+        logp, _, _ = learner.policy.evaluate_actions(
+            obs,
+            torch.as_tensor(fragment.initial_state),
+            torch.as_tensor(fragment.first),
+            torch.as_tensor(fragment.actions),
         )
     return logp.numpy()
 
@@ -92,11 +91,11 @@ def test_stale_fragments_are_dropped_and_counted():
     stale = runner.sample()  # acted with version 0
     for _ in range(4):
         learner.learn([runner.sample()])
-    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    before = {k: v.clone() for k, v in learner.policy.net.state_dict().items()}
     stats = learner.learn([stale])
     assert stats["trained"] == 0 and stats["fragments_dropped"] == 1
     assert stats["policy_lag_mean"] == 4
-    assert all(torch.equal(before[k], v) for k, v in learner.model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in learner.policy.net.state_dict().items())
 
 
 def test_nethack_fragment_carries_caption_ids_and_counts():

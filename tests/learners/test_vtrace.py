@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from oni_sys.learners.vtrace import appo_loss, categorical_logp_entropy, vtrace
+from oni_sys.learners.vtrace import appo_loss, vtrace
+from oni_sys.models.distributions import categorical_logp_entropy
 
 
 def vtrace_reference(
@@ -172,6 +173,12 @@ def test_categorical_logp_entropy():
 # ---------------------------------------------------------------------------- appo_loss
 
 
+def appo(logits: torch.Tensor, actions: torch.Tensor, **kwargs):
+    """The APPO loss of a categorical policy given by its logits."""
+    logp, entropy = categorical_logp_entropy(logits, actions)
+    return appo_loss(logp, entropy, **kwargs)
+
+
 def appo_inputs(T: int = 8, B: int = 4, A: int = 5, seed: int = 0, on_policy: bool = True):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(T, B, A, generator=g, dtype=torch.float64, requires_grad=True)
@@ -194,7 +201,7 @@ def appo_inputs(T: int = 8, B: int = 4, A: int = 5, seed: int = 0, on_policy: bo
 
 def test_appo_gradients_flow_to_logits_and_values():
     inp = appo_inputs(on_policy=False)
-    out = appo_loss(**inp)
+    out = appo(**inp)
     assert out.loss.dim() == 0
     out.loss.backward()
     for name in ("logits", "values"):
@@ -214,7 +221,7 @@ def test_appo_zero_advantages_on_policy_gives_zero_policy_loss(normalize):
     v, d = inp["values"].detach(), inp["discounts"]
     v_tp1 = torch.cat([v[1:], inp["bootstrap_value"].detach()[None]])
     inp["rewards"] = v - d * v_tp1  # every TD error is 0, so vs = V and advantages are 0
-    out = appo_loss(**inp, normalize_advantages=normalize)
+    out = appo(**inp, normalize_advantages=normalize)
     assert out.pg_advantages.abs().max() < 1e-12
     assert abs(out.policy_loss.item()) < 1e-10
     assert out.value_loss.item() < 1e-20
@@ -222,14 +229,14 @@ def test_appo_zero_advantages_on_policy_gives_zero_policy_loss(normalize):
 
 
 def test_appo_on_policy_clip_fraction_and_kl_are_zero():
-    out = appo_loss(**appo_inputs(), clip_coef=0.1)
+    out = appo(**appo_inputs(), clip_coef=0.1)
     assert out.clip_fraction.item() == 0.0
     assert abs(out.approx_kl.item()) < 1e-12
 
 
 def test_appo_off_policy_matches_manual_formula():
     inp = appo_inputs(on_policy=False, seed=5)
-    out = appo_loss(**inp, clip_coef=0.2, normalize_advantages=False)
+    out = appo(**inp, clip_coef=0.2, normalize_advantages=False)
     logp, ent = categorical_logp_entropy(inp["logits"].detach(), inp["actions"])
     ratio = torch.exp(logp - inp["behaviour_logp"])
     vt = vtrace(
@@ -252,12 +259,12 @@ def test_appo_mask_excludes_entries(normalize):
     g = torch.Generator().manual_seed(9)
     mask = torch.rand(8, 4, generator=g) < 0.7
     mask[0, 0] = False
-    out = appo_loss(**inp, mask=mask, normalize_advantages=normalize)
+    out = appo(**inp, valid=mask, normalize_advantages=normalize)
 
     changed = dict(
         inp, rewards=torch.where(mask, inp["rewards"], torch.full_like(inp["rewards"], 1e6))
     )
-    out2 = appo_loss(**changed, mask=mask, normalize_advantages=normalize)
+    out2 = appo(**changed, valid=mask, normalize_advantages=normalize)
     for field in ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"):
         torch.testing.assert_close(getattr(out, field), getattr(out2, field), msg=field)
     torch.testing.assert_close(out.vs[mask], out2.vs[mask])
@@ -267,9 +274,9 @@ def test_appo_masked_columns_equal_unmasked_subbatch():
     inp = appo_inputs(on_policy=False, seed=11)
     keep = torch.tensor([True, False, True, False])
     mask = keep.expand(8, 4)
-    full = appo_loss(**inp, mask=mask)
+    full = appo(**inp, valid=mask)
     sub = {k: (v[keep] if k == "bootstrap_value" else v[:, keep]) for k, v in inp.items()}
-    part = appo_loss(**sub)
+    part = appo(**sub)
     for field in ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"):
         torch.testing.assert_close(getattr(full, field), getattr(part, field), msg=field)
 
@@ -281,7 +288,7 @@ def test_appo_masked_padding_after_episode_end_is_ignored():
     mask = torch.ones(8, 4, dtype=torch.bool)
     mask[5:, 1] = False
     inp["discounts"][4, 1] = 0.0
-    out = appo_loss(**inp, mask=mask)
+    out = appo(**inp, valid=mask)
 
     pad = ~mask
     garbage = dict(inp)
@@ -289,6 +296,6 @@ def test_appo_masked_padding_after_episode_end_is_ignored():
     garbage["values"] = inp["values"].detach().masked_fill(pad, -50.0).requires_grad_()
     garbage["logits"] = inp["logits"].detach().masked_fill(pad[..., None], 7.0).requires_grad_()
     garbage["behaviour_logp"] = inp["behaviour_logp"].masked_fill(pad, -3.0)
-    out2 = appo_loss(**garbage, mask=mask)
+    out2 = appo(**garbage, valid=mask)
     for field in ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"):
         torch.testing.assert_close(getattr(out, field), getattr(out2, field), msg=field)

@@ -55,7 +55,7 @@ def test_turn_based_game_never_plays_an_illegal_move():
     # A policy that wants the top-left corner above everything: after the corner is taken,
     # only the mask keeps it legal.
     with torch.no_grad():
-        runner.model.policy_head.bias.copy_(torch.tensor([50.0] + [0.0] * 8))
+        runner.policy.net.policy_head.bias.copy_(torch.tensor([50.0] + [0.0] * 8))
     episodes = []
     for _ in range(6):
         f = runner.sample()
@@ -81,7 +81,7 @@ def test_policy_groups_give_each_group_its_own_network():
         [TICTACTOE, "env.num_envs=4", "model.policy_groups={x: [player_1], o: [player_2]}"],
     )
     runner = EnvRunner(cfg)
-    members = runner.model.members
+    members = runner.policy.net.members
     assert len(members) == 2
     # Make the groups want different cells: each player's moves follow its own network.
     with torch.no_grad():

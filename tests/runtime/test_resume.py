@@ -36,7 +36,7 @@ def test_resume_restores_weights_and_continues_curves(tmp_path):
     assert len(list((run_dir / "checkpoints").glob("ckpt_*.pt"))) <= 3  # keep N
 
     second = _runtime(f"resume={run_dir}", "train.total_env_steps=20480")
-    weights = second.learner.model.state_dict()
+    weights = second.learner.policy.net.state_dict()
     for key, value in ckpt["learner"]["state"]["model"].items():
         assert torch.equal(weights[key], value), key
     opt = second.learner.optimizer.state_dict()["state"]

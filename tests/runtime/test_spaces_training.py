@@ -76,7 +76,7 @@ def test_image_observations_train_through_the_cnn(train, user_module):
         "train.tensorboard=false",
         "train.log_every_updates=1",
     )
-    assert runtime.learner.model.image_keys == ["obs"]  # the image goes through the CNN
+    assert runtime.learner.policy.net.image_keys == ["obs"]  # the image goes through the CNN
     # Guessing scores 0.25; reading the image scores 1.
     assert rows[0]["episode_return_mean"] < 0.5
     assert rows[-1]["episode_return_mean"] > 0.9, [r["episode_return_mean"] for r in rows]

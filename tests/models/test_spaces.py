@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from oni_sys.envs.spaces import dict_space, obs_to_dict
+from oni_sys.models.spaces import dict_space, obs_to_dict
 
 Box, Discrete, Dict, Tuple = gym.spaces.Box, gym.spaces.Discrete, gym.spaces.Dict, gym.spaces.Tuple
 MultiDiscrete, MultiBinary, Text = gym.spaces.MultiDiscrete, gym.spaces.MultiBinary, gym.spaces.Text

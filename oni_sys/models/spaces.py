@@ -26,8 +26,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-#: Observation entry holding the action mask: read by the action distribution, not a feature.
-MASK_KEY = "action_mask"
+from oni_sys.contracts import MASK_KEY
 
 _SUPPORTED = "Box, Discrete, MultiDiscrete, MultiBinary, Text, and Dict or Tuple of these"
 
