@@ -14,12 +14,9 @@ import pytest
 from aiohttp import web
 
 from oni_sys.annotators.base import BackendError, FatalBackendError, Question
-from oni_sys.annotators.openai_backend import (
-    OpenAIBackend,
-    _AttemptFailed,
-    extract_choice_logprobs,
-    parse_completion_top_logprobs,
-)
+from oni_sys.annotators.openai_backend import OpenAIBackend
+from oni_sys.annotators.openai_parse import extract_choice_logprobs, parse_completion_top_logprobs
+from oni_sys.annotators.retry import AttemptFailed
 
 SECRET = "sk-test-DO-NOT-LEAK-4f1c9a"
 KEY_ENV = "ONI_TEST_ANNOTATOR_KEY"
@@ -384,6 +381,6 @@ def test_response_shapes_of_the_real_servers() -> None:
         ({"error": "overloaded"}, "bad_response"),
         ([1, 2, 3], "bad_response"),
     ]:
-        with pytest.raises(_AttemptFailed) as failure:
+        with pytest.raises(AttemptFailed) as failure:
             parse_completion_top_logprobs(body)
         assert failure.value.kind == kind

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from oni_sys.annotators.base import UnparseableAnswer
-from oni_sys.annotators.openai_backend import parse_completion_top_logprobs, strict_choice
+from oni_sys.annotators.openai_parse import parse_completion_top_logprobs, strict_choice
 
 
 def test_response_without_logprobs_goes_to_the_strict_parser():
