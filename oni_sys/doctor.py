@@ -17,7 +17,6 @@ import asyncio
 import importlib.metadata
 import importlib.util
 import logging
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -197,48 +196,27 @@ def check_annotator(cfg: Any) -> Check:
 # -------------------------------------------------------------------------------------- Ray
 
 
-def _ray_task() -> int:
-    return os.getpid()
-
-
 def check_ray() -> Check:
     """Start a local Ray instance on 127.0.0.1, run one task on it, report its resources."""
-    try:
-        import ray
-    except ImportError:
-        return Check(FAIL, "ray instance", "not installed: pip install 'ray[default]'", needed=True)
-    from oni_sys.runtime.ray_runtime import _keep_ray_on_loopback
+    from oni_sys.runtime.ray_check import probe_local_ray
 
-    if ray.is_initialized():
+    probe = probe_local_ray(RAY_TIMEOUT_S)
+    if probe.version is None:
+        return Check(FAIL, "ray instance", "not installed: pip install 'ray[default]'", needed=True)
+    if probe.already_initialised:
         return Check(WARN, "ray instance", "already initialised in this process; not checked")
-    t0 = time.perf_counter()
-    try:
-        _keep_ray_on_loopback()
-        # address="local": always a new instance, even when RAY_ADDRESS names a cluster.
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
-        started = time.perf_counter() - t0
-        ray.get(ray.remote(num_cpus=0)(_ray_task).remote(), timeout=RAY_TIMEOUT_S)
-        resources = ray.cluster_resources()
-        gcs = ray.get_runtime_context().gcs_address
-    except Exception as exc:  # noqa: BLE001 (Ray raises many kinds; the user needs one line)
+    if probe.error is not None:
         return Check(
-            FAIL, "ray instance", f"a local instance did not start: {_error(exc)}", needed=True
+            FAIL,
+            "ray instance",
+            f"a local instance did not start: {_error(probe.error)}",
+            needed=True,
         )
-    finally:
-        try:
-            ray.shutdown()
-        except Exception as exc:  # noqa: BLE001
-            logger.warning("ray.shutdown failed: %s", _error(exc))
-    host = gcs.rsplit(":", 1)[0]
+    resources = probe.resources
+    host = probe.gcs_address.rsplit(":", 1)[0]
     text = (
-        f"Ray {ray.__version__}, local, at {gcs}: started in {started:.1f} s, ran a task; "
-        f"CPU {resources.get('CPU', 0):g}, GPU {resources.get('GPU', 0):g}"
+        f"Ray {probe.version}, local, at {probe.gcs_address}: started in {probe.started_s:.1f} s, "
+        f"ran a task; CPU {resources.get('CPU', 0):g}, GPU {resources.get('GPU', 0):g}"
     )
     if host != "127.0.0.1":
         return Check(WARN, "ray instance", text + f" (listens on {host}, not only on 127.0.0.1)")

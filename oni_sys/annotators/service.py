@@ -28,7 +28,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oni_sys.annotators.annotation_store import (
     LABELLED,
@@ -56,6 +56,9 @@ from oni_sys.annotators.prompts import build_classification, build_ranking, prom
 from oni_sys.config import AnnotatorConfig
 from oni_sys.envs.captions import caption_id, normalise_caption
 
+if TYPE_CHECKING:
+    from oni_sys.annotators.vllm_backend import VLLMServer
+
 logger = logging.getLogger(__name__)
 
 #: bumped when the way answers become labels changes (part of the annotator version)
@@ -66,8 +69,14 @@ PAIRS_PER_CAPTION = 4
 HEALTH_INTERVAL_S = 5.0
 
 
-def make_backend(cfg: AnnotatorConfig) -> Backend:
-    """The backend named by ``annotator.backend``."""
+def make_backend(cfg: AnnotatorConfig, vllm_server: VLLMServer | None = None) -> Backend:
+    """The backend named by ``annotator.backend``.
+
+    ``vllm_server``: for the vllm backend, a running server to use (and stop on close), such as
+    the Ray runtime's GPU-placed one; default: the backend starts ``vllm serve`` here.
+    """
+    if vllm_server is not None and cfg.backend != "vllm":
+        raise ValueError(f"a vllm server was given for annotator.backend={cfg.backend}")
     if cfg.backend == "llamacpp":
         from oni_sys.annotators.llamacpp_backend import LlamaCppBackend
 
@@ -97,6 +106,7 @@ def make_backend(cfg: AnnotatorConfig) -> Backend:
 
     return VLLMBackend(
         cfg.model,
+        server=vllm_server,
         tensor_parallel_size=cfg.tensor_parallel_size,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         concurrency=cfg.concurrency,
@@ -148,6 +158,8 @@ class AnnotationService:
             texts stay in the store).
         gated: ask nothing until :meth:`answer_all` (the serial runtime, for determinism);
             default: ask as soon as questions are submitted (the Ray runtime, the CLI).
+        vllm_server: when the service builds a vllm backend, the running server it uses
+            (see :func:`make_backend`).
 
     Example:
         >>> service = AnnotationService(cfg.annotator, "labels.sqlite")  # doctest: +SKIP
@@ -162,10 +174,11 @@ class AnnotationService:
         backend: Backend | None = None,
         max_pending: int | None = None,
         gated: bool = False,
+        vllm_server: VLLMServer | None = None,
     ):
         self.cfg = cfg
         self.store = AnnotationStore(store_path)
-        self.backend = backend if backend is not None else make_backend(cfg)
+        self.backend = backend if backend is not None else make_backend(cfg, vllm_server)
         self.max_pending = cfg.max_queue if max_pending is None else max_pending
         # What is asked (sentences, number templates) and how a probability becomes a label
         # (threshold) change stored labels too, so they are part of the version.

@@ -108,7 +108,17 @@ class AnnotatorActor:
         from oni_sys.annotators.service import AnnotationService
 
         _worker_logging()
-        self.service = AnnotationService(cfg.annotator, store_path)
+        server = None
+        if cfg.annotator.backend == "vllm":  # vLLM on a GPU actor on this node, not in here
+            from oni_sys.runtime.vllm_server import RayVLLMServer
+
+            server = RayVLLMServer.from_config(cfg.annotator)
+        try:
+            self.service = AnnotationService(cfg.annotator, store_path, vllm_server=server)
+        except BaseException:
+            if server is not None:
+                server.stop()
+            raise
         if _actor_restarted():
             owed = self.service.requeue_missing()
             self.service.republish_stored()
