@@ -52,23 +52,34 @@ def package_of(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-def imports_of(path: Path) -> list[tuple[str, int]]:
-    """Every module ``path`` imports (anywhere in the file), with its line."""
+def imports_of(source: str) -> list[tuple[str, int]]:
+    """Every module a source file imports (anywhere in it, inside functions too), with its
+    line; ``importlib.import_module("x")`` and ``__import__("x")`` with a literal name count."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.append((node.module, node.lineno))
-    return found
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            callee = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            arg = node.args[0]
+            if (
+                callee in ("import_module", "__import__")
+                and isinstance(arg, ast.Constant)
+                and isinstance(arg.value, str)
+            ):
+                found.append((arg.value, node.lineno))
+    return sorted(found, key=lambda item: item[1])
 
 
 def graph() -> dict[str, dict[str, int]]:
-    """Module -> {imported oni_sys module or external top-level name: first line}."""
+    """Module -> {imported oni_sys module or external top-level name (``ray``): first line}."""
     out: dict[str, dict[str, int]] = {}
     for path in sorted(ROOT.rglob("*.py")):
         edges: dict[str, int] = {}
-        for name, line in imports_of(path):
+        for name, line in imports_of(path.read_text(encoding="utf-8")):
             key = name if name.startswith("oni_sys") else name.split(".")[0]
             edges.setdefault(key, line)
         out[module_name(path)] = edges
