@@ -2,8 +2,10 @@
 
 Imports point one way: roles (``envs``, ``models``, ``actors``, ``learners``, ``annotators``)
 import this module; the runtimes import the roles; nothing here imports ``oni_sys``. Each record
-is a plain dataclass of numpy arrays, numbers and strings, so it pickles cheaply (Ray's object
-store, the serial runtime's direct calls) and says what it carries by name, not by position.
+is a dataclass of numpy arrays, numbers and strings, so it pickles cheaply (Ray's object store,
+the serial runtime's direct calls) and says what it carries by name, not by position. The label
+records, which travel by the thousand, are typed named tuples: the same names, at the cost and
+size of a tuple.
 
 Example::
 
@@ -16,7 +18,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -117,3 +119,22 @@ class WeightsPacket:
 
     weights: dict[str, Any]
     version: int
+
+
+class LabelRecord(NamedTuple):
+    """One caption's answer from the annotator, for the reward learner."""
+
+    caption_id: int
+    text: str
+    label: int  # 1: the caption is good for the goal, 0: it is not
+    probability: float  # P(label 1) read from the LLM's answer
+
+
+class PreferenceRecord(NamedTuple):
+    """One comparison of two captions from the annotator (ranking rewards)."""
+
+    id_a: int
+    text_a: str
+    id_b: int
+    text_b: str
+    preference: float  # P(a is better than b)

@@ -132,7 +132,7 @@ def _from_sql(value: int) -> int:
 
 
 @dataclass
-class LabelRecord:
+class StoredLabel:
     """The annotator's result for one caption under one annotator version.
 
     ``status`` is ``"labelled"`` (``label`` 0/1 and ``probability`` of label 1 are set) or
@@ -151,7 +151,7 @@ class LabelRecord:
 
 
 @dataclass
-class PreferenceRecord:
+class StoredPreference:
     """The annotator's judgement of the ordered pair ``(caption_a, caption_b)``.
 
     ``preference`` is P(a shows more progress than b) in [0, 1] (0.5: a tie), ``None`` when
@@ -188,7 +188,7 @@ def _check_probability(value: float | None, where: str) -> None:
         raise ValueError(f"{where}: {value!r} is not a probability in [0, 1]")
 
 
-def _label_row(version_id: int, rec: LabelRecord, now: float) -> tuple:
+def _label_row(version_id: int, rec: StoredLabel, now: float) -> tuple:
     where = f"label for caption {rec.caption_id}"
     _check_status(rec.status, where)
     if rec.status == LABELLED:
@@ -216,7 +216,7 @@ def _label_row(version_id: int, rec: LabelRecord, now: float) -> tuple:
     )
 
 
-def _preference_row(version_id: int, rec: PreferenceRecord, now: float) -> tuple:
+def _preference_row(version_id: int, rec: StoredPreference, now: float) -> tuple:
     a, b = _to_sql(rec.caption_a), _to_sql(rec.caption_b)
     where = f"preference for ({rec.caption_a}, {rec.caption_b})"
     if a == b:
@@ -234,14 +234,14 @@ def _preference_row(version_id: int, rec: PreferenceRecord, now: float) -> tuple
     return (version_id, a, b, pref, rec.status, int(rec.attempts), rec.error, now)
 
 
-def _label_from_sql(row: Sequence) -> LabelRecord:
+def _label_from_sql(row: Sequence) -> StoredLabel:
     cid, label, prob, status, attempts, error, created = row
-    return LabelRecord(_from_sql(cid), label, prob, status, attempts, error, created)
+    return StoredLabel(_from_sql(cid), label, prob, status, attempts, error, created)
 
 
-def _preference_from_sql(row: Sequence) -> PreferenceRecord:
+def _preference_from_sql(row: Sequence) -> StoredPreference:
     a, b, pref, status, attempts, error, created = row
-    return PreferenceRecord(_from_sql(a), _from_sql(b), pref, status, attempts, error, created)
+    return StoredPreference(_from_sql(a), _from_sql(b), pref, status, attempts, error, created)
 
 
 def _keys(ids: Iterable[int]) -> tuple[list[int], list[int]]:
@@ -268,7 +268,7 @@ class AnnotationStore:
     Example:
         >>> with AnnotationStore(tmp / "labels.sqlite") as store:  # doctest: +SKIP
         ...     store.add_captions({17: "You kill the newt!"})
-        ...     store.put_labels("gemma3|classify-v1", [LabelRecord(17, 1, 0.93)])
+        ...     store.put_labels("gemma3|classify-v1", [StoredLabel(17, 1, 0.93)])
     """
 
     def __init__(
@@ -523,7 +523,7 @@ class AnnotationStore:
         return [_from_sql(k) for k in keys if k not in found]
 
     # -- labels --------------------------------------------------------------------------------
-    def put_labels(self, version: str, rows: list[LabelRecord]) -> None:
+    def put_labels(self, version: str, rows: list[StoredLabel]) -> None:
         """Store results for ``version`` in one transaction (all rows or, on any error, none).
 
         Every caption must have its text stored already. A stored ``labelled`` result is not
@@ -546,10 +546,10 @@ class AnnotationStore:
                     f"{unknown[:5]}); call add_captions before put_labels"
                 ) from None
 
-    def get_labels(self, version: str, ids: Iterable[int] | None = None) -> dict[int, LabelRecord]:
+    def get_labels(self, version: str, ids: Iterable[int] | None = None) -> dict[int, StoredLabel]:
         """Stored results (labelled and unlabelable) for ``version``: all, or those of ``ids``."""
         cols = "caption_id, label, probability, status, attempts, error, created"
-        out: dict[int, LabelRecord] = {}
+        out: dict[int, StoredLabel] = {}
         keys = None if ids is None else _keys(ids)[1]
         with self._read() as conn:
             vid = self._find_version(conn, version)
@@ -619,7 +619,7 @@ class AnnotationStore:
             ]
 
     # -- preferences ---------------------------------------------------------------------------
-    def put_preferences(self, version: str, rows: list[PreferenceRecord]) -> None:
+    def put_preferences(self, version: str, rows: list[StoredPreference]) -> None:
         """Store pair judgements for ``version`` in one transaction (as :meth:`put_labels`).
 
         A pair of a caption with itself is a ``ValueError``; both texts must be stored.
@@ -641,7 +641,7 @@ class AnnotationStore:
                     f"{unknown[:5]}); call add_captions before put_preferences"
                 ) from None
 
-    def get_preferences(self, version: str) -> list[PreferenceRecord]:
+    def get_preferences(self, version: str) -> list[StoredPreference]:
         """All stored pair judgements of ``version`` (labelled and unlabelable), oldest first."""
         sql = """
             SELECT caption_a, caption_b, preference, status, attempts, error, created

@@ -34,8 +34,8 @@ from oni_sys.annotators.annotation_store import (
     LABELLED,
     UNLABELABLE,
     AnnotationStore,
-    LabelRecord,
-    PreferenceRecord,
+    StoredLabel,
+    StoredPreference,
 )
 from oni_sys.annotators.base import (
     Backend,
@@ -54,6 +54,7 @@ from oni_sys.annotators.preflight import (
 )
 from oni_sys.annotators.prompts import build_classification, build_ranking, prompt_version
 from oni_sys.config import AnnotatorConfig
+from oni_sys.contracts import LabelRecord, PreferenceRecord
 from oni_sys.envs.captions import caption_id, normalise_caption
 
 if TYPE_CHECKING:
@@ -198,9 +199,9 @@ class AnnotationService:
         self._in_flight: set[int] = set()
         self._waiting: dict[int, _Waiting] = {}  # caption id -> its unanswered questions
         self._question_captions: dict[int, list[int]] = {}  # question id -> waiting captions
-        self._answers: dict[int, LabelRecord] = {}  # answers of questions still needed
+        self._answers: dict[int, StoredLabel] = {}  # answers of questions still needed
         self._published: list[tuple[int, int, float]] = []  # (caption id, label, probability)
-        self._published_prefs: list[tuple[int, str, int, str, float]] = []
+        self._published_prefs: list[PreferenceRecord] = []
         self._pair_pool: dict[int, int] = {}  # ranking: caption id -> times seen
         # ranking: new captions still owed comparisons, oldest first, and how many each is owed
         self._pair_anchors: deque[list[int]] = deque()
@@ -209,11 +210,11 @@ class AnnotationService:
         self._pairs_in_flight = 0
         # Answers not yet committed to the store, by id: until the flush commits them they are
         # the only record that the question was answered, so submit() consults them too.
-        self._pending_writes: dict[int, LabelRecord] = {}
+        self._pending_writes: dict[int, StoredLabel] = {}
         # Serialises submit() against the flush, so an answer is always visible in the store
         # or in _pending_writes to a concurrent submit, never in neither.
         self._submit_lock = threading.Lock()
-        self._pending_prefs: list[PreferenceRecord] = []
+        self._pending_prefs: list[StoredPreference] = []
         self._dropped: set[int] = set()  # caption ids dropped from the queue, owed a question
         self._rng = random.Random(0)
         # Availability: down from a question that failed after the backend's own retries until
@@ -263,16 +264,14 @@ class AnnotationService:
                 out, self._published = self._published[:limit], self._published[limit:]
         return out
 
-    def poll_records(
-        self,
-    ) -> tuple[list[tuple[int, str, int, float]], list[tuple[int, str, int, str, float]]]:
-        """Labels ``(id, text, label, probability)`` and preferences ``(id_a, text_a, id_b,
-        text_b, P(a better))`` published since the last poll, with texts (for the reward learner)."""
+    def poll_records(self) -> tuple[list[LabelRecord], list[PreferenceRecord]]:
+        """Labels and preferences published since the last poll, with their texts (for the
+        reward learner)."""
         labels = self.poll_labels()
         texts = self.store.texts([cid for cid, _, _ in labels]) if labels else {}
         with self._lock:
             prefs, self._published_prefs = self._published_prefs, []
-        return [(cid, texts.get(cid, ""), label, p) for cid, label, p in labels], prefs
+        return [LabelRecord(cid, texts.get(cid, ""), label, p) for cid, label, p in labels], prefs
 
     def metrics(self) -> dict[str, float]:
         """Queue depth, in flight, labels/s, latency p50/p95, store hit rate, failures."""
@@ -438,9 +437,7 @@ class AnnotationService:
             time.sleep(0.02)
         return True
 
-    def stored_records(
-        self,
-    ) -> tuple[list[tuple[int, str, int, float]], list[tuple[int, str, int, str, float]]]:
+    def stored_records(self) -> tuple[list[LabelRecord], list[PreferenceRecord]]:
         """Every stored label and preference of this version, in :meth:`poll_records`' shape
         (for a reward learner that restarted and lost what it had been sent)."""
         labels = [r for r in self.store.get_labels(self.version).values() if r.status == LABELLED]
@@ -449,10 +446,18 @@ class AnnotationService:
         ids.update(i for r in prefs for i in (r.caption_a, r.caption_b))
         texts = self.store.texts(ids) if ids else {}
         return (
-            [(r.caption_id, texts.get(r.caption_id, ""), r.label, r.probability) for r in labels],
             [
-                (r.caption_a, texts.get(r.caption_a, ""), r.caption_b, texts.get(r.caption_b, ""))
-                + (r.preference,)
+                LabelRecord(r.caption_id, texts.get(r.caption_id, ""), r.label, r.probability)
+                for r in labels
+            ],
+            [
+                PreferenceRecord(
+                    r.caption_a,
+                    texts.get(r.caption_a, ""),
+                    r.caption_b,
+                    texts.get(r.caption_b, ""),
+                    r.preference,
+                )
                 for r in prefs
             ],
         )
@@ -592,14 +597,14 @@ class AnnotationService:
         labelled = [a for a in answers if a is not None and a.status == LABELLED]
         if not labelled:
             if cid not in waiting.questions:
-                self._pending_writes[cid] = LabelRecord(
+                self._pending_writes[cid] = StoredLabel(
                     cid, None, None, UNLABELABLE, 1, "no sentence could be labelled"
                 )
             return
         prob = max(a.probability for a in labelled)
         label = int(prob >= self.cfg.threshold)
         if cid not in waiting.questions:  # a multi-sentence caption: store its combined label
-            self._pending_writes[cid] = LabelRecord(cid, label, prob, LABELLED, 1)
+            self._pending_writes[cid] = StoredLabel(cid, label, prob, LABELLED, 1)
         self._published.append((cid, label, prob))
 
     # -- ranking -------------------------------------------------------------------------------
@@ -795,10 +800,10 @@ class AnnotationService:
                 self._in_flight.discard(qid)
             raise
         if probs is None:
-            record = LabelRecord(qid, None, None, UNLABELABLE, attempts, error)
+            record = StoredLabel(qid, None, None, UNLABELABLE, attempts, error)
         else:
             p_yes = probs[0]
-            record = LabelRecord(qid, int(p_yes >= self.cfg.threshold), p_yes, LABELLED, attempts)
+            record = StoredLabel(qid, int(p_yes >= self.cfg.threshold), p_yes, LABELLED, attempts)
         with self._lock:
             self._in_flight.discard(qid)
             self._texts.pop(qid, None)
@@ -832,14 +837,16 @@ class AnnotationService:
                 self._pairs_in_flight -= 1
             raise
         if probs is None:
-            record = PreferenceRecord(a, b, None, UNLABELABLE, attempts, error)
+            record = StoredPreference(a, b, None, UNLABELABLE, attempts, error)
         else:
-            record = PreferenceRecord(a, b, probs[0], LABELLED, attempts)
+            record = StoredPreference(a, b, probs[0], LABELLED, attempts)
         with self._lock:
             self._pairs_in_flight -= 1
             self._pending_prefs.append(record)
             if record.status == LABELLED:
-                self._published_prefs.append((a, texts[a], b, texts[b], record.preference))
+                self._published_prefs.append(
+                    PreferenceRecord(a, texts[a], b, texts[b], record.preference)
+                )
             self.stats.preferences_total += record.status == LABELLED
             self._answers_total += 1
             self._answered.notify_all()

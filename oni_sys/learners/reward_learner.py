@@ -14,11 +14,9 @@ import time
 from typing import Any
 
 from oni_sys.config import Config
+from oni_sys.contracts import LabelRecord, PreferenceRecord
 
 logger = logging.getLogger(__name__)
-
-LabelItem = tuple[int, str, int, float]
-PreferenceItem = tuple[int, str, int, str, float]
 
 
 class RewardLearner:
@@ -35,9 +33,9 @@ class RewardLearner:
         self._since_snapshot = 0
         self._new_data = False
         self._last_stats: dict[str, float] = {}
-        self.snapshot = self.model.snapshot()  # version 1 of "nothing learned": rewards all 0
+        self.snapshot = self.model.snapshot()  # version 0, "nothing learned": rewards all 0
 
-    def add(self, labels: list[LabelItem], preferences: list[PreferenceItem]) -> int:
+    def add(self, labels: list[LabelRecord], preferences: list[PreferenceRecord]) -> int:
         """Add labels and preferences from the annotator; returns how many were new."""
         new = self.model.add_labels(labels) if labels else 0
         new += self.model.add_preferences(preferences) if preferences else 0
@@ -45,6 +43,32 @@ class RewardLearner:
         self.preferences_seen += len(preferences)
         self._new_data = self._new_data or new > 0
         return new
+
+    def round(
+        self,
+        labels: list[LabelRecord],
+        preferences: list[PreferenceRecord],
+        max_seconds: float | None = 1.0,
+    ):
+        """One round of the reward learner's schedule, the same in both runtimes: add the new
+        records in a canonical order, run up to ``reward.updates_per_round`` updates (stopping
+        after ``max_seconds``; None: no time bound), and return a new snapshot when one is due,
+        else None.
+
+        Records arrive in the order the LLM answered them; sorting them by caption id makes the
+        dataset, and every minibatch drawn from it, independent of that order.
+
+        Example::
+
+            labels, prefs = annotator.poll_records()
+            snapshot = reward_learner.round(labels, prefs)
+            if snapshot is not None:
+                policy_learner.set_reward_snapshot(snapshot)
+        """
+        labels = sorted(labels, key=lambda r: r.caption_id)
+        preferences = sorted(preferences, key=lambda r: (r.id_a, r.id_b))
+        self.add(labels, preferences)
+        return self.train(self.cfg.reward.updates_per_round, max_seconds)
 
     def train(self, max_updates: int, max_seconds: float | None = 1.0):
         """Run up to ``max_updates`` updates, stopping early after ``max_seconds`` (None: no time

@@ -353,8 +353,7 @@ class RewardLearnerActor:
                     )
                 labels, prefs = [], []
             with self._lock:
-                self.learner.add(labels, prefs)
-                snapshot = self.learner.train(self.cfg.reward.updates_per_round)
+                snapshot = self.learner.round(labels, prefs)
             if snapshot is not None:
                 self.policy_learner.set_reward_snapshot.remote(snapshot)
             self._stop.wait(self.cfg.reward.round_interval_s)

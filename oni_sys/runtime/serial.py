@@ -105,12 +105,7 @@ class LocalRewardLearner:
     def round(self) -> None:
         """Take new labels from the annotator, train a little, publish a snapshot when due."""
         labels, prefs = self.runtime.annotator.poll_records()
-        # Answers are published in the order they arrive; the dataset (and so every minibatch
-        # drawn from it) must not depend on that.
-        labels.sort(key=lambda r: r[0])
-        prefs.sort(key=lambda r: (r[0], r[2]))
-        self.learner.add(labels, prefs)
-        snapshot = self.learner.train(self.runtime.cfg.reward.updates_per_round, max_seconds=None)
+        snapshot = self.learner.round(labels, prefs, max_seconds=None)  # bounded by updates only
         if snapshot is not None:
             self.runtime.learner.set_reward_snapshot(snapshot)
 

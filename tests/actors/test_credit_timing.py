@@ -11,6 +11,7 @@ import numpy as np
 
 from oni_sys.actors.env_runner import EnvRunner
 from oni_sys.config import load_config
+from oni_sys.contracts import LabelRecord
 from oni_sys.envs import vault
 from oni_sys.envs.captions import caption_id
 from oni_sys.learners.intrinsic import IntrinsicReward
@@ -37,7 +38,7 @@ def test_each_caption_is_paid_to_the_action_that_produced_it():
     # is visible in the shaped reward.
     texts = [vault.KEY_CAPTION, vault.LOCKED_CAPTION, vault.VAULT_CAPTION, vault.WALL_CAPTION]
     model = make_reward_model(cfg.reward, cfg.seed)
-    model.add_labels([(caption_id(t), t, 1, 1.0) for t in texts])
+    model.add_labels([LabelRecord(caption_id(t), t, 1, 1.0) for t in texts])
     intrinsic = IntrinsicReward(cfg.reward)
     intrinsic.register({caption_id(t): t for t in texts})
     intrinsic.set_snapshot(model.snapshot())

@@ -18,8 +18,8 @@ from oni_sys.annotators.annotation_store import (
     SCHEMA_VERSION,
     UNLABELABLE,
     AnnotationStore,
-    LabelRecord,
-    PreferenceRecord,
+    StoredLabel,
+    StoredPreference,
 )
 
 HIGH = 2**63  # ids at and above this are negative as SQLite integers
@@ -56,7 +56,7 @@ def test_out_of_range_ids_are_refused(store, bad):
 
 def test_label_round_trip(store):
     rows = [
-        LabelRecord(cid, i % 2, 0.1 + 0.8 * (i % 2), attempts=i + 1) for i, cid in enumerate(IDS)
+        StoredLabel(cid, i % 2, 0.1 + 0.8 * (i % 2), attempts=i + 1) for i, cid in enumerate(IDS)
     ]
     store.put_labels("gemma|v1", rows)
     got = store.get_labels("gemma|v1")
@@ -74,8 +74,8 @@ def test_label_round_trip(store):
 
 
 def test_versions_are_isolated(store):
-    store.put_labels("A", [LabelRecord(HIGH, 1, 0.9)])
-    store.put_labels("B", [LabelRecord(42, 0, 0.2)])
+    store.put_labels("A", [StoredLabel(HIGH, 1, 0.9)])
+    store.put_labels("B", [StoredLabel(42, 0, 0.2)])
     assert set(store.get_labels("A")) == {HIGH}
     assert set(store.get_labels("B")) == {42}
     assert store.get_labels("C") == {}
@@ -87,14 +87,14 @@ def test_versions_are_isolated(store):
 
 def test_missing_keeps_order_and_counts_unlabelable_as_stored(store):
     store.put_labels(
-        "v", [LabelRecord(42, 1, 0.8), LabelRecord(HIGH, None, None, UNLABELABLE, 3, "no answer")]
+        "v", [StoredLabel(42, 1, 0.8), StoredLabel(HIGH, None, None, UNLABELABLE, 3, "no answer")]
     )
     assert store.missing("v", [2**64 - 1, 42, HIGH, 1, 2**64 - 1]) == [2**64 - 1, 1]
     assert store.missing("never-used", [HIGH, 1]) == [HIGH, 1]
 
 
 def test_unlabelable_is_never_a_label(store):
-    store.put_labels("v", [LabelRecord(HIGH, None, None, UNLABELABLE, 3, "timeout")])
+    store.put_labels("v", [StoredLabel(HIGH, None, None, UNLABELABLE, 3, "timeout")])
     rec = store.get_labels("v")[HIGH]
     assert (rec.status, rec.label, rec.probability, rec.attempts, rec.error) == (
         "unlabelable",
@@ -108,28 +108,28 @@ def test_unlabelable_is_never_a_label(store):
     assert store.top_captions("v", 5) == [] and store.top_captions("v", 5, positive=False) == []
     # an unlabelable record carrying a label is refused rather than stored as one
     with pytest.raises(ValueError, match="unlabelable"):
-        store.put_labels("v", [LabelRecord(42, 1, None, UNLABELABLE)])
+        store.put_labels("v", [StoredLabel(42, 1, None, UNLABELABLE)])
     # a later success replaces the failure; a later failure never replaces a success
-    store.put_labels("v", [LabelRecord(HIGH, 1, 0.7, attempts=4)])
-    store.put_labels("v", [LabelRecord(HIGH, None, None, UNLABELABLE, 9, "server down")])
+    store.put_labels("v", [StoredLabel(HIGH, 1, 0.7, attempts=4)])
+    store.put_labels("v", [StoredLabel(HIGH, None, None, UNLABELABLE, 9, "server down")])
     rec = store.get_labels("v")[HIGH]
     assert (rec.status, rec.label, rec.attempts) == ("labelled", 1, 4)
 
 
 def test_a_bad_row_stores_nothing_of_its_batch(store):
-    good = [LabelRecord(cid, 1, 0.9) for cid in IDS[:3]]
+    good = [StoredLabel(cid, 1, 0.9) for cid in IDS[:3]]
     with pytest.raises(ValueError, match="probability"):
-        store.put_labels("v", [*good, LabelRecord(HIGH, 1, 1.5)])
+        store.put_labels("v", [*good, StoredLabel(HIGH, 1, 1.5)])
     with pytest.raises(ValueError, match="add_captions"):
-        store.put_labels("v", [*good, LabelRecord(123456, 0, 0.1)])  # no text stored
+        store.put_labels("v", [*good, StoredLabel(123456, 0, 0.1)])  # no text stored
     assert store.get_labels("v") == {}
 
 
 def test_preferences_keep_ordered_pairs_and_reject_self_pairs(store):
     rows = [
-        PreferenceRecord(HIGH, 42, 0.8),
-        PreferenceRecord(42, HIGH, 0.3),
-        PreferenceRecord(1, 2**64 - 1, None, UNLABELABLE, 2, "unparseable"),
+        StoredPreference(HIGH, 42, 0.8),
+        StoredPreference(42, HIGH, 0.3),
+        StoredPreference(1, 2**64 - 1, None, UNLABELABLE, 2, "unparseable"),
     ]
     store.put_preferences("rank", rows)
     got = {(p.caption_a, p.caption_b): p for p in store.get_preferences("rank")}
@@ -141,7 +141,7 @@ def test_preferences_keep_ordered_pairs_and_reject_self_pairs(store):
     assert store.missing_preferences("rank", [(42, HIGH), (HIGH, 1), (1, 2**64 - 1)]) == [(HIGH, 1)]
     with pytest.raises(ValueError, match="itself"):
         store.put_preferences(
-            "rank", [PreferenceRecord(1, 42, 0.5), PreferenceRecord(HIGH, HIGH, 0.5)]
+            "rank", [StoredPreference(1, 42, 0.5), StoredPreference(HIGH, HIGH, 0.5)]
         )
     assert len(store.get_preferences("rank")) == 3  # the batch with the bad pair left nothing
     c = store.counts("rank")
@@ -150,7 +150,7 @@ def test_preferences_keep_ordered_pairs_and_reject_self_pairs(store):
 
 def test_top_captions_by_probability(store):
     probs = dict(zip(IDS, [0.95, 0.1, 0.6, 0.99, 0.02, 0.4]))
-    store.put_labels("v", [LabelRecord(cid, int(p > 0.5), p) for cid, p in probs.items()])
+    store.put_labels("v", [StoredLabel(cid, int(p > 0.5), p) for cid, p in probs.items()])
     top = store.top_captions("v", 2)
     assert [(t.caption_id, t.text) for t in top] == [(HIGH, f"caption {HIGH}"), (1, "caption 1")]
     bottom = store.top_captions("v", 2, positive=False)
@@ -159,10 +159,10 @@ def test_top_captions_by_probability(store):
 
 
 def test_export_jsonl(store, tmp_path):
-    store.put_labels("v1", [LabelRecord(2**64 - 1, 1, 0.75)])
-    store.put_labels("v1", [LabelRecord(42, None, None, UNLABELABLE, 2, "empty answer")])
-    store.put_preferences("v1", [PreferenceRecord(HIGH, 1, 0.5)])
-    store.put_labels("v2", [LabelRecord(1, 0, 0.25)])
+    store.put_labels("v1", [StoredLabel(2**64 - 1, 1, 0.75)])
+    store.put_labels("v1", [StoredLabel(42, None, None, UNLABELABLE, 2, "empty answer")])
+    store.put_preferences("v1", [StoredPreference(HIGH, 1, 0.5)])
+    store.put_labels("v2", [StoredLabel(1, 0, 0.25)])
     out = tmp_path / "export" / "labels.jsonl"
     assert store.export_jsonl(out, version="v1") == 3
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -232,7 +232,7 @@ def test_reader_in_another_process_sees_only_whole_batches(tmp_path):
         observations = []
         for b in range(batches):
             ids = range(b * batch + 1, (b + 1) * batch + 1)
-            store.put_labels("v", [LabelRecord(i, 1, 0.9) for i in ids])
+            store.put_labels("v", [StoredLabel(i, 1, 0.9) for i in ids])
             # wait until the reader has seen this commit: it keeps polling meanwhile, so its
             # reads overlap the next batch's write
             while True:
@@ -252,12 +252,12 @@ def test_reader_in_another_process_sees_only_whole_batches(tmp_path):
 
 _SECOND_WRITER = """
 import sys
-from oni_sys.annotators.annotation_store import AnnotationStore, LabelRecord
+from oni_sys.annotators.annotation_store import AnnotationStore, StoredLabel
 store = AnnotationStore(sys.argv[1], create=False)
 for b in range(30):
     ids = range(b * 100 + 1, (b + 1) * 100 + 1)
     store.add_captions({i: f"caption {i}" for i in ids})
-    store.put_labels("b", [LabelRecord(i, 0, 0.1) for i in ids])
+    store.put_labels("b", [StoredLabel(i, 0, 0.1) for i in ids])
 """
 
 
@@ -269,7 +269,7 @@ def test_two_processes_write_the_same_store(tmp_path):
             for b in range(30):
                 ids = range(b * 100 + 51, (b + 1) * 100 + 51)  # overlaps the other's captions
                 store.add_captions({i: f"caption {i}" for i in ids})
-                store.put_labels("a", [LabelRecord(i, 1, 0.9) for i in ids])
+                store.put_labels("a", [StoredLabel(i, 1, 0.9) for i in ids])
             assert other.wait(timeout=60) == 0
         finally:
             other.kill()
@@ -279,14 +279,14 @@ def test_two_processes_write_the_same_store(tmp_path):
 
 _WRITER = """
 import sys
-from oni_sys.annotators.annotation_store import AnnotationStore, LabelRecord
+from oni_sys.annotators.annotation_store import AnnotationStore, StoredLabel
 path, batch, base = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 store = AnnotationStore(path)
 b = 0
 while True:
     ids = range(base + b * batch, base + (b + 1) * batch)
     store.add_captions({i: f"caption {i}" for i in ids})
-    store.put_labels("v", [LabelRecord(i, i % 2, 0.2 + 0.6 * (i % 2)) for i in ids])
+    store.put_labels("v", [StoredLabel(i, i % 2, 0.2 + 0.6 * (i % 2)) for i in ids])
     print(b, flush=True)  # only after put_labels returned, i.e. committed
     b += 1
 """
@@ -336,7 +336,7 @@ def test_bulk_lookups_span_several_statements(tmp_path):
     ids = [i if i % 2 else HIGH + i for i in range(1, n + 1)]
     with AnnotationStore(tmp_path / "labels.sqlite") as s:
         s.add_captions({cid: str(cid) for cid in ids})
-        s.put_labels("v", [LabelRecord(cid, 1, 0.9) for cid in ids[::2]])
+        s.put_labels("v", [StoredLabel(cid, 1, 0.9) for cid in ids[::2]])
         assert len(s.get_labels("v", ids)) == n // 2
         assert s.missing("v", ids) == ids[1::2]
         assert len(s.texts(ids)) == n

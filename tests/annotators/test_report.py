@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from oni_sys.annotators.annotation_store import UNLABELABLE, AnnotationStore, LabelRecord
+from oni_sys.annotators.annotation_store import UNLABELABLE, AnnotationStore, StoredLabel
 from oni_sys.annotators.report import balanced_accuracy, labels_report
 from oni_sys.envs.captions import caption_id
 
@@ -49,13 +49,13 @@ def _build_store(path):
         texts = [text for text, _ in REFERENCE]
         store.add_captions({caption_id(t): t for t in texts})
         store.put_labels(
-            "v1", [LabelRecord(caption_id(t), lab, p) for t, (lab, p) in stored.items()]
+            "v1", [StoredLabel(caption_id(t), lab, p) for t, (lab, p) in stored.items()]
         )
         store.put_labels(
             "v1",
-            [LabelRecord(caption_id(texts[2]), None, None, UNLABELABLE, 3, "timeout")],
+            [StoredLabel(caption_id(texts[2]), None, None, UNLABELABLE, 3, "timeout")],
         )
-        store.put_labels("v2", [LabelRecord(caption_id(t), 1, 0.9) for t in texts])
+        store.put_labels("v2", [StoredLabel(caption_id(t), 1, 0.9) for t in texts])
 
 
 def _write_reference(path, rows):

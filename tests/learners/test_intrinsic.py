@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from oni_sys.config import RewardConfig
+from oni_sys.contracts import LabelRecord, PreferenceRecord
 from oni_sys.envs.captions import caption_id
 from oni_sys.learners.intrinsic import IntrinsicReward
 from oni_sys.learners.reward_models import make_reward_model
@@ -24,7 +25,9 @@ def test_unlabelled_captions_earn_exactly_zero_and_counts_divide():
     shaped, part = intrinsic.shape(r_ext, ids, counts)  # no snapshot yet: every r_int is 0
     assert np.array_equal(part, np.zeros_like(part))
     np.testing.assert_allclose(shaped, 0.1 * r_ext)
-    model.add_labels([(caption_id(GOOD[0]), GOOD[0], 1, 0.9)])  # only the newt is labelled
+    model.add_labels(
+        [LabelRecord(caption_id(GOOD[0]), GOOD[0], 1, 0.9)]
+    )  # only the newt is labelled
     intrinsic.register({caption_id(t): t for t in GOOD})
     intrinsic.set_snapshot(model.snapshot())
     shaped, part = intrinsic.shape(r_ext, ids, counts)
@@ -53,8 +56,8 @@ def test_extrinsic_reward_is_clipped_before_its_coefficient(kind):
 def test_ranking_rewards_reach_the_policy_normalised_and_thresholded():
     cfg = RewardConfig(kind="ranking", c_ext=0.0, c_int=1.0, beta=0.0, ranking_threshold=0.0)
     model = make_reward_model(cfg, seed=0)
-    prefs = [(caption_id(g), g, caption_id(b), b, 1.0) for g in GOOD for b in BAD]
-    prefs += [(caption_id(b), b, caption_id(g), g, 0.0) for g in GOOD for b in BAD]
+    prefs = [PreferenceRecord(caption_id(g), g, caption_id(b), b, 1.0) for g in GOOD for b in BAD]
+    prefs += [PreferenceRecord(caption_id(b), b, caption_id(g), g, 0.0) for g in GOOD for b in BAD]
     model.add_preferences(prefs)
     for _ in range(200):
         model.update()
@@ -84,7 +87,9 @@ def _farming_setup(share_window: int = 2):
     """Hashing reward with both captions labelled 1 (the careless rule), beta 0, c_int 0.5."""
     cfg = RewardConfig(kind="hashing", c_int=0.5, beta=0.0)
     model = make_reward_model(cfg)
-    model.add_labels([(caption_id(LOCKED), LOCKED, 1, 1.0), (caption_id(KEY), KEY, 1, 1.0)])
+    model.add_labels(
+        [LabelRecord(caption_id(LOCKED), LOCKED, 1, 1.0), LabelRecord(caption_id(KEY), KEY, 1, 1.0)]
+    )
     intrinsic = IntrinsicReward(cfg, share_window=share_window)
     intrinsic.register({caption_id(t): t for t in (LOCKED, KEY, STONE)})
     intrinsic.set_snapshot(model.snapshot())

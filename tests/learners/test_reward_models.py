@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from oni_sys.config import RewardConfig
+from oni_sys.contracts import LabelRecord, PreferenceRecord
 from oni_sys.envs.captions import caption_id
 from oni_sys.learners.reward_models import (
     EnsembleReward,
@@ -86,19 +87,19 @@ TRAIN = make_captions(seen=True)
 HELD_BACK = make_captions(seen=False)
 
 
-def label_items(captions: list[Caption]) -> list[tuple[int, str, int, float]]:
-    return [(cid, text, label, float(label)) for cid, text, label in captions]
+def label_items(captions: list[Caption]) -> list[LabelRecord]:
+    return [LabelRecord(cid, text, label, float(label)) for cid, text, label in captions]
 
 
 def preference_items(
     captions: list[Caption], n: int = 800, seed: int = 1
-) -> list[tuple[int, str, int, str, float]]:
+) -> list[PreferenceRecord]:
     """Random pairs with P(a better than b) from the labels: 1, 0, or 0.5 for a tie."""
     rng = np.random.default_rng(seed)
     out = []
     for i, j in rng.integers(0, len(captions), size=(n, 2)).tolist():
         (ia, ta, la), (ib, tb, lb) = captions[i], captions[j]
-        out.append((ia, ta, ib, tb, 0.5 if la == lb else float(la > lb)))
+        out.append(PreferenceRecord(ia, ta, ib, tb, 0.5 if la == lb else float(la > lb)))
     return out
 
 
@@ -156,7 +157,12 @@ def test_hashing_is_exact_on_seen_captions_and_zero_on_unseen():
 
 def test_hashing_probability_output_returns_the_stored_probability():
     model = make_reward_model(RewardConfig(kind="hashing", output="probability"))
-    model.add_labels([(11, "You kill the newt!", 1, 0.8), (12, "You hear a door open.", 0, 0.3)])
+    model.add_labels(
+        [
+            LabelRecord(11, "You kill the newt!", 1, 0.8),
+            LabelRecord(12, "You hear a door open.", 0, 0.3),
+        ]
+    )
     snap = model.snapshot()
     np.testing.assert_allclose(snap.rewards(np.array([11, 12, 13], np.uint64), []), [0.8, 0.3, 0])
 
@@ -165,7 +171,7 @@ def test_hashing_rewards_on_10k_unique_ids_is_vectorised():
     model = make_reward_model(RewardConfig(kind="hashing"))
     rng = np.random.default_rng(0)
     stored = np.unique(rng.integers(1, 2**63, size=100_000, dtype=np.int64)).astype(np.uint64)
-    model.add_labels([(int(i), "", int(i % 2), float(i % 2)) for i in stored.tolist()])
+    model.add_labels([LabelRecord(int(i), "", int(i % 2), float(i % 2)) for i in stored.tolist()])
     snap = model.snapshot()
     query = np.concatenate([stored[:5000], np.arange(1, 5001, dtype=np.uint64)])
     snap.rewards(query, [])  # warm-up
@@ -251,7 +257,8 @@ def test_ranking_with_the_default_threshold_rewards_only_the_preferred_captions(
     for i in range(1, len(texts)):
         for j in rng.permutation(i)[:4].tolist():
             a, b = texts[i], texts[j]
-            pairs.append((ids[i], a, ids[j], b, 0.5 if good[a] == good[b] else float(good[a])))
+            pref = 0.5 if good[a] == good[b] else float(good[a])
+            pairs.append(PreferenceRecord(ids[i], a, ids[j], b, pref))
     cfg = RewardConfig(kind="ranking", held_out_fraction=0.0)
     assert cfg.ranking_threshold == 0.0  # the default under test
     model = make_reward_model(cfg, seed=0)
@@ -339,7 +346,7 @@ def test_checkpoint_round_trip_continues_identically(cfg, tmp_path):
     # Continue both: same minibatches, same optimiser state, same normalisation statistics.
     for _ in range(15):
         assert model.update() == fresh.update()
-    more = [(caption_id("You kill the mumak!"), "You kill the mumak!", 1, 1.0)]
+    more = [LabelRecord(caption_id("You kill the mumak!"), "You kill the mumak!", 1, 1.0)]
     model.add_labels(more)
     fresh.add_labels(more)
     for _ in range(5):
@@ -395,8 +402,8 @@ def test_no_caption_and_blank_text_earn_exactly_zero():
 def test_dataset_is_bounded_and_evicts_the_oldest_of_the_majority_class():
     cfg = RewardConfig(kind="hashing", output="probability", max_dataset=20)
     model = make_reward_model(cfg)
-    positives = [(1000 + i, f"You kill the newt {i}!", 1, 0.9) for i in range(5)]
-    negatives = [(2000 + i, f"You hear a chime {i}.", 0, 0.2) for i in range(50)]
+    positives = [LabelRecord(1000 + i, f"You kill the newt {i}!", 1, 0.9) for i in range(5)]
+    negatives = [LabelRecord(2000 + i, f"You hear a chime {i}.", 0, 0.2) for i in range(50)]
     assert model.add_labels(positives) == 5
     assert model.add_labels(negatives) == 50
     ev = model.evaluate()
@@ -405,7 +412,7 @@ def test_dataset_is_bounded_and_evicts_the_oldest_of_the_majority_class():
     kept = snap.rewards(np.array([1000, 1004, 2034, 2035, 2049], np.uint64), [])
     np.testing.assert_allclose(kept, [0.9, 0.9, 0.0, 0.2, 0.2])  # 2000..2034 were evicted
     # Relabelling is not new; it replaces the value.
-    assert model.add_labels([(1000, "You kill the newt 0!", 1, 0.6)]) == 0
+    assert model.add_labels([LabelRecord(1000, "You kill the newt 0!", 1, 0.6)]) == 0
     assert model.snapshot().rewards(np.array([1000], np.uint64), [])[0] == pytest.approx(0.6)
 
 
@@ -429,12 +436,12 @@ def test_preference_pairs_are_unordered_and_ignored_by_label_models():
     model = make_reward_model(cfg)
     assert isinstance(model, RankingReward)
     a, b = TRAIN[0], TRAIN[-1]
-    assert model.add_preferences([(a[0], a[1], b[0], b[1], 1.0)]) == 1
-    assert model.add_preferences([(b[0], b[1], a[0], a[1], 0.0)]) == 0  # the same pair
-    assert model.add_preferences([(a[0], a[1], a[0], a[1], 0.5)]) == 0  # no pair with itself
+    assert model.add_preferences([PreferenceRecord(a[0], a[1], b[0], b[1], 1.0)]) == 1
+    assert model.add_preferences([PreferenceRecord(b[0], b[1], a[0], a[1], 0.0)]) == 0  # same pair
+    assert model.add_preferences([PreferenceRecord(a[0], a[1], a[0], a[1], 0.5)]) == 0  # itself
     for kind in ("hashing", "classification"):
         other = make_reward_model(RewardConfig(kind=kind))
-        assert other.add_preferences([(a[0], a[1], b[0], b[1], 1.0)]) == 0
+        assert other.add_preferences([PreferenceRecord(a[0], a[1], b[0], b[1], 1.0)]) == 0
 
 
 def test_bad_inputs_are_refused():
@@ -442,6 +449,6 @@ def test_bad_inputs_are_refused():
         make_reward_model(RewardConfig(kind="none"))
     model = make_reward_model(RewardConfig(kind="classification"))
     with pytest.raises(ValueError, match="label"):
-        model.add_labels([(5, "text", 2, 1.0)])
+        model.add_labels([LabelRecord(5, "text", 2, 1.0)])
     with pytest.raises(ValueError, match="cannot load"):
         model.load_state_dict(make_reward_model(RewardConfig(kind="hashing")).state_dict())

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from oni_sys.config import RewardConfig
+from oni_sys.contracts import LabelRecord, PreferenceRecord
 
 logger = logging.getLogger(__name__)
 
@@ -215,15 +216,15 @@ class LabelData:
         self.cfg = cfg
         self.store = BoundedStore(cfg.max_dataset)
 
-    def add(self, items: Sequence[tuple[int, str, int, float]]) -> int:
+    def add(self, items: Sequence[LabelRecord]) -> int:
         items = list(items)
         if not items:
             return 0
-        ids = [int(it[0]) & _MASK64 for it in items]
+        ids = [int(it.caption_id) & _MASK64 for it in items]
         held = held_out_mask(np.array(ids, dtype=np.uint64), self.cfg.held_out_fraction)
         new = 0
-        for cid, (_, text, label, prob), h in zip(ids, items, held.tolist()):
-            label = int(label)
+        for cid, record, h in zip(ids, items, held.tolist()):
+            text, label, prob = record.text, int(record.label), record.probability
             if label not in (0, 1):
                 raise ValueError(f"caption {cid}: label must be 0 or 1, got {label!r}")
             if cid == 0:
@@ -240,19 +241,19 @@ class PairData:
         self.cfg = cfg
         self.store = BoundedStore(cfg.max_dataset)
 
-    def add(self, items: Sequence[tuple[int, str, int, str, float]]) -> int:
+    def add(self, items: Sequence[PreferenceRecord]) -> int:
         items = list(items)
         if not items:
             return 0
-        a_ids = [int(it[0]) & _MASK64 for it in items]
-        b_ids = [int(it[2]) & _MASK64 for it in items]
+        a_ids = [int(it.id_a) & _MASK64 for it in items]
+        b_ids = [int(it.id_b) & _MASK64 for it in items]
         frac = self.cfg.held_out_fraction
         held = held_out_mask(np.array(a_ids, np.uint64), frac) | held_out_mask(
             np.array(b_ids, np.uint64), frac
         )
         new = 0
-        for a, b, (_, ta, _, tb, p), h in zip(a_ids, b_ids, items, held.tolist()):
-            p = float(p)
+        for a, b, record, h in zip(a_ids, b_ids, items, held.tolist()):
+            ta, tb, p = record.text_a, record.text_b, float(record.preference)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"pair ({a}, {b}): preference must be in [0, 1], got {p!r}")
             if a == b or a == 0 or b == 0:
@@ -275,12 +276,12 @@ class RewardModel:
         self.version = 0
         self.num_updates = 0
 
-    def add_labels(self, items: Sequence[tuple[int, str, int, float]]) -> int:
-        """Add ``(caption_id, text, label, P(label 1))``; returns how many captions were new."""
+    def add_labels(self, items: Sequence[LabelRecord]) -> int:
+        """Add labels; returns how many captions were new."""
         return 0
 
-    def add_preferences(self, items: Sequence[tuple[int, str, int, str, float]]) -> int:
-        """Add ``(id_a, text_a, id_b, text_b, P(a better than b))``; only ranking uses them."""
+    def add_preferences(self, items: Sequence[PreferenceRecord]) -> int:
+        """Add preferences; only ranking uses them."""
         return 0
 
     def update(self) -> dict[str, float]:

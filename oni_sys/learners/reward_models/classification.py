@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from oni_sys.config import RewardConfig
+from oni_sys.contracts import LabelRecord
 from oni_sys.learners.reward_models.base import LabelData
 from oni_sys.learners.reward_models.network import (
     NetworkSnapshot,
@@ -55,7 +56,7 @@ class ClassificationReward(_NetworkReward):
         super().__init__(cfg, seed)
         self._data = LabelData(cfg)
 
-    def add_labels(self, items: Sequence[tuple[int, str, int, float]]) -> int:
+    def add_labels(self, items: Sequence[LabelRecord]) -> int:
         return self._data.add(items)
 
     def update(self) -> dict[str, float]:

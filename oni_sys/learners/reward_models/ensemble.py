@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from oni_sys.config import RewardConfig
+from oni_sys.contracts import LabelRecord, PreferenceRecord
 from oni_sys.learners.reward_models.base import STATE_FORMAT, RewardModel, RewardSnapshot
 from oni_sys.learners.reward_models.classification import ClassificationReward
 from oni_sys.learners.reward_models.network import (
@@ -69,10 +70,10 @@ class EnsembleReward(RewardModel):
             if bootstrap and cfg.ensemble_size > 1:
                 m.bootstrap_salt = self.seed + i
 
-    def add_labels(self, items: Sequence[tuple[int, str, int, float]]) -> int:
+    def add_labels(self, items: Sequence[LabelRecord]) -> int:
         return self.members[0].add_labels(items)
 
-    def add_preferences(self, items: Sequence[tuple[int, str, int, str, float]]) -> int:
+    def add_preferences(self, items: Sequence[PreferenceRecord]) -> int:
         return self.members[0].add_preferences(items)
 
     def _learned(self) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from oni_sys.config import RewardConfig
+from oni_sys.contracts import LabelRecord
 from oni_sys.learners.reward_models.base import (
     STATE_FORMAT,
     LabelData,
@@ -47,7 +48,7 @@ class HashingReward(RewardModel):
         self._data = LabelData(cfg)
         self._table: tuple[np.ndarray, np.ndarray] | None = None  # cached sorted lookup
 
-    def add_labels(self, items: Sequence[tuple[int, str, int, float]]) -> int:
+    def add_labels(self, items: Sequence[LabelRecord]) -> int:
         self._table = None  # new or changed values: rebuild the table at the next snapshot
         return self._data.add(items)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from oni_sys.config import RewardConfig
+from oni_sys.contracts import PreferenceRecord
 from oni_sys.learners.reward_models.base import PairData
 from oni_sys.learners.reward_models.network import (
     NetworkSnapshot,
@@ -71,7 +72,7 @@ class RankingReward(_NetworkReward):
         self.norm_var = 1.0
         self.norm_count = 0.0
 
-    def add_preferences(self, items: Sequence[tuple[int, str, int, str, float]]) -> int:
+    def add_preferences(self, items: Sequence[PreferenceRecord]) -> int:
         return self._data.add(items)
 
     def _update_norm(self, x: np.ndarray) -> None:
