@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CPU wheel by default (a plain `pip install torch` pulls a multi-GB CUDA build); GPU users
 # override it: make setup TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126'
 TORCH  ?= torch==2.13.0
-EXTRAS ?= nethack,llamacpp,pettingzoo,plots,dev
+EXTRAS ?= ray,nethack,llamacpp,pettingzoo,plots,dev
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
 # llama-cpp-python compiles llama.cpp when installed, by default with -march=native: a venv built

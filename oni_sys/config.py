@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -444,6 +445,11 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
             )
     if cfg.model.crop_size % 2 == 0:
         errors.append(f"model.crop_size: {cfg.model.crop_size} must be odd so the agent is centred")
+    if cfg.runtime.kind == "ray" and importlib.util.find_spec("ray") is None:
+        errors.append(
+            "runtime.kind: ray needs Ray, which is not installed: pip install 'oni-sys[ray]' "
+            "(or use runtime.kind=serial)"
+        )
     if cfg.annotator.backend in ("openai", "vllm") and not cfg.annotator.model:
         errors.append(
             f"annotator.model: the {cfg.annotator.backend} backend needs the model name "

@@ -64,7 +64,7 @@ from oni_sys.annotators.normalise import NUMBER_PLACEHOLDER, collapse_whitespace
 logger = logging.getLogger(__name__)
 
 #: bump when the way captions are quoted or answers are read changes (part of prompt_version)
-PARSER_VERSION = "choice-logprob-v1;json-quote-v1"
+PROMPT_FORMAT_VERSION = "choice-logprob-v1;json-quote-v1"
 CLASSIFICATION_CHOICES: tuple[str, str] = (" Yes", " No")
 RANKING_CHOICES: tuple[str, str] = (" A", " B")
 #: captions longer than this are cut (with an ellipsis) so a prompt always fits the context
@@ -390,13 +390,13 @@ def prompt_version(cfg: PromptConfig) -> str:
     """A short hash of everything in the prompt that can change an answer.
 
     Covers the template text (file contents, not its path), the goal text, the rendered worked
-    examples, the choices and :data:`PARSER_VERSION`; not the caption normalisation options or the
-    threshold, which decide what is asked and how a probability becomes a label.
+    examples, the choices and :data:`PROMPT_FORMAT_VERSION`; not the caption normalisation
+    options or the threshold, which decide what is asked and how a probability becomes a label.
     """
     tpl = _template(cfg)
     h = hashlib.sha256()
     for part in (
-        PARSER_VERSION,
+        PROMPT_FORMAT_VERSION,
         tpl.kind,
         tpl.text,
         goal_text(cfg.goal),

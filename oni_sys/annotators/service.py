@@ -62,8 +62,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: bumped when the way answers become labels changes (part of the annotator version)
-PARSER_VERSION = "choice-logprob-v1"
+#: bumped when the way an answer's probability becomes a label changes (part of the annotator
+#: version); the prompt's own format version is prompts.PROMPT_FORMAT_VERSION
+LABEL_RULE_VERSION = "choice-logprob-v1"
 #: ranking: comparisons asked for each new caption, each of them against that caption
 PAIRS_PER_CAPTION = 4
 #: seconds between availability checks while no question is in flight
@@ -184,7 +185,7 @@ class AnnotationService:
         # What is asked (sentences, number templates) and how a probability becomes a label
         # (threshold) change stored labels too, so they are part of the version.
         asked = f"split={int(cfg.split_sentences)},numbers={int(cfg.number_template)},t={cfg.threshold:g}"
-        self.version = f"{self.backend.model_id}|{prompt_version(cfg)}|{PARSER_VERSION}|{asked}"
+        self.version = f"{self.backend.model_id}|{prompt_version(cfg)}|{LABEL_RULE_VERSION}|{asked}"
         self.ranking = cfg.prompt == "ranking"
         self.stats = ServiceStats()
         self._lock = threading.Lock()
