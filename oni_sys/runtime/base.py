@@ -14,6 +14,7 @@ from oni_sys.annotators.preflight import AnnotatorUnavailable
 from oni_sys.annotators.quality import reward_quality_warning
 from oni_sys.atomic_io import atomic_write_bytes
 from oni_sys.config import Config
+from oni_sys.contracts import FragmentSummary
 from oni_sys.reward_report import REWARD_TABLE
 from oni_sys.runtime.run_dir import RunDirectory, load_checkpoint, resolve_run_dir
 from oni_sys.runtime.tracker import Reporter, Tracker
@@ -105,8 +106,11 @@ class Runtime:
         """``annotator.store``, or ``labels.sqlite`` in the run directory."""
         return Path(self.cfg.annotator.store or self.run_path / "labels.sqlite")
 
-    def _on_captions(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
-        """Hand a fragment's new caption texts and sightings to the annotator (never waits)."""
+    def _on_fragment(self, summary: FragmentSummary) -> None:
+        """Count a sampled fragment, and hand its new caption texts and sightings to the
+        annotator (never waits). Both runtimes call it once per fragment."""
+        self.tracker.on_fragment(summary.env_steps, summary.episodes)
+        texts, sightings = summary.new_captions, summary.caption_sightings
         if self.annotator is not None and (texts or sightings):
             self.annotator.submit(texts, sightings)
 

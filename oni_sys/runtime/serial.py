@@ -49,8 +49,7 @@ class SerialRuntime(Runtime):
             fragments = []
             for _ in range(per_batch):
                 fragment = self.runner.sample()
-                self.tracker.on_fragment(fragment.env_steps, fragment.episodes)
-                self._on_captions(fragment.new_captions, fragment.caption_sightings())
+                self._on_fragment(fragment.summary())
                 fragments.append(fragment)
             stats = self.learner.learn(fragments)
             self.runner.set_weights(self.learner.get_weights(), self.learner.version)

@@ -407,7 +407,7 @@ def test_ray_places_vllm_on_a_gpu_actor_and_its_annotator_uses_it(
     stops it when closed."""
     import ray
 
-    from oni_sys.runtime.ray_runtime import AnnotatorActor
+    from oni_sys.runtime.ray_actors import AnnotatorActor
     from oni_sys.runtime.vllm_server import RayVLLMServer
 
     with pytest.raises(RuntimeError, match="needs 2 CUDA GPU.*found 1"):
