@@ -21,9 +21,9 @@ BOXES = [
         "policy_l",
         "policy + V-trace/APPO",
         "models/policy.py, learners/vtrace.py",
-        470,
+        450,
         150,
-        250,
+        290,
         44,
         "#f4f4f4",
     ),
@@ -43,10 +43,10 @@ BOXES = [
     (
         "reward",
         "reward learner",
-        "learners/reward_learner.py, reward_models/",
-        460,
+        "learners/reward_learner.py, learners/reward_models/",
+        385,
         330,
-        270,
+        365,
         70,
         "#fbf1e6",
     ),
@@ -58,7 +58,8 @@ ARROWS = [
     ("runner", "learner", "Fragment", 360, 92, [(240, 100), (480, 100)]),
     ("learner", "runner", "WeightsPacket", 360, 132, [(480, 122), (240, 122)]),
     ("runner", "annotator", "captions + sightings", 100, 270, [(95, 194), (95, 330)]),
-    ("annotator", "reward", "LabelRecord / PreferenceRecord", 350, 355, [(240, 365), (460, 365)]),
+    ("annotator", "reward", "LabelRecord /", 320, 350, [(240, 365), (385, 365)]),
+    ("annotator", "reward", "PreferenceRecord", 320, 388, []),
     ("reward", "learner", "RewardSnapshot", 690, 290, [(640, 330), (640, 248)]),
 ]
 
@@ -75,12 +76,17 @@ def box(key: str, title: str, module: str, x: int, y: int, w: int, h: int, fill:
 
 
 def arrow(points: list[tuple[int, int]], label: str, lx: int, ly: int) -> str:
+    """An arrow along ``points`` with its label (no points: a second label line only)."""
+    text = (
+        f'<text x="{lx}" y="{ly}" font-size="12" text-anchor="middle" fill="#1f4e8c">'
+        f"{escape(label)}</text>"
+    )
+    if not points:
+        return text
     path = " ".join(f"{x},{y}" for x, y in points)
     return (
         f'<polyline points="{path}" fill="none" stroke="#1f4e8c" stroke-width="2" '
-        f'marker-end="url(#head)"/>'
-        f'<text x="{lx}" y="{ly}" font-size="12" text-anchor="middle" fill="#1f4e8c">'
-        f"{escape(label)}</text>"
+        f'marker-end="url(#head)"/>' + text
     )
 
 
@@ -102,9 +108,9 @@ def render() -> str:
     notes = [
         "Records on the arrows: oni_sys/contracts.py (imports no role).",
         "serial (runtime/serial.py): one process; runner, learner, annotator and reward learner",
-        "   stepped in a fixed order after every batch: deterministic for a seed.",
-        "ray (runtime/ray_runtime.py): the four large boxes are Ray actors; fragments and",
-        "   weights travel through the object store; captions and labels through the driver.",
+        "   stepped in a fixed order after every batch: deterministic for a seed while the LLM answers.",
+        "ray (runtime/ray_runtime.py, ray_actors.py): the four large boxes are Ray actors;",
+        "   fragments and weights travel through the object store, captions through the driver.",
     ]
     for i, line in enumerate(notes):
         parts.append(
