@@ -518,6 +518,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
     Raises:
         ConfigError: with one sentence per problem found.
+
+    Example::
+
+        cfg = load_config("configs/cartpole.yaml", ["algo.lr=3e-4", "runtime.kind=serial"])
+        cfg.env.num_envs  # 16
     """
     data: dict[str, Any] = {}
     errors: list[str] = []

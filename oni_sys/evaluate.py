@@ -46,6 +46,11 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any
 
     Options (``key=value``): ``episodes`` (10), ``deterministic`` (false: sample actions as in
     training; true: take the most likely action), ``seed``, ``max_steps`` per episode.
+
+    Example::
+
+        stats = evaluate(Path("runs/cartpole"), ["episodes=5", "deterministic=true"])
+        stats["episode_return_mean"]
     """
     opts = _eval_options(overrides or [])
     if not (run_dir / "checkpoints" / "latest.pt").is_file():

@@ -116,6 +116,13 @@ class EnvRunner:
         runner_index: index of this runner (selects its env seeds).
         seed_offset: added to every env seed (a replacement runner or a resumed run gets new
             episodes rather than replaying old ones).
+
+    Example::
+
+        runner = EnvRunner(load_config("configs/cartpole.yaml"))
+        fragment = runner.sample()  # algo.rollout steps of every env
+        fragment.env_steps, fragment.episodes
+        runner.close()
     """
 
     def __init__(self, cfg: Config, runner_index: int = 0, seed_offset: int = 0):

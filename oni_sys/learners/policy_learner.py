@@ -45,7 +45,14 @@ def concat_fragments(fragments: list[Fragment]) -> dict[str, Any]:
 
 
 class PolicyLearner:
-    """Owns the policy, its optimizer and the update counter (the policy version)."""
+    """Owns the policy, its optimizer and the update counter (the policy version).
+
+    Example::
+
+        runner = EnvRunner(cfg)
+        learner = PolicyLearner(cfg, runner.interface)  # or probe_env(cfg) without a runner
+        stats = learner.learn([runner.sample()])
+    """
 
     def __init__(self, cfg: Config, interface: EnvInterface):
         torch.set_num_threads(cfg.runtime.torch_threads)
