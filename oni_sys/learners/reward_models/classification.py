@@ -60,11 +60,11 @@ class ClassificationReward(_NetworkReward):
         return self._data.add(items)
 
     def update(self) -> dict[str, float]:
-        store = self._data.store
-        if store.split_size(0) == 0:
+        batch = self._minibatch()
+        if batch is None:
             return {}
-        slots = store.sample(self._rng, self.cfg.batch_size)
-        records = [store.record(s) for s in slots]
+        slots, records = batch
+        store = self._data.store
         targets = torch.tensor([r[1] for r in records], dtype=torch.float32)
         logits = self.net(tokenise([r[0] for r in records]))
         losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")

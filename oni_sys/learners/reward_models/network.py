@@ -116,6 +116,15 @@ class _NetworkReward(RewardModel):
         self.bootstrap_salt: int | None = None  # set by EnsembleReward for its members
         self._data: LabelData | PairData
 
+    def _minibatch(self) -> tuple[list[int], list[tuple]] | None:
+        """Slots and records of ``reward.batch_size`` training records drawn with replacement
+        (None: no training data yet)."""
+        store = self._data.store
+        if store.split_size(0) == 0:
+            return None
+        slots = store.sample(self._rng, self.cfg.batch_size)
+        return slots, [store.record(s) for s in slots]
+
     def _step(self, loss: torch.Tensor) -> None:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)

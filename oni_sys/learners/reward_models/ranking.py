@@ -91,11 +91,11 @@ class RankingReward(_NetworkReward):
         return math.sqrt(self.norm_var + 1e-8)
 
     def update(self) -> dict[str, float]:
-        store = self._data.store
-        if store.split_size(0) == 0:
+        batch = self._minibatch()
+        if batch is None:
             return {}
-        slots = store.sample(self._rng, self.cfg.batch_size)
-        records = [store.record(s) for s in slots]
+        slots, records = batch
+        store = self._data.store
         b = len(records)
         targets = torch.tensor([r[4] for r in records], dtype=torch.float32)
         out = self.net(tokenise([r[1] for r in records] + [r[3] for r in records]))
