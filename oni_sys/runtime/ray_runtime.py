@@ -68,11 +68,14 @@ class RayRuntime(Runtime):
         if gpus < 0:
             gpus = 1.0 if torch.cuda.is_available() or _cluster_has_gpu() else 0.0
         probe = probe_env(self.cfg)
-        self.learner = (
-            ray.remote(LearnerActor)
-            .options(num_cpus=rt.learner_cpus, num_gpus=gpus, max_concurrency=1)
-            .remote(self.cfg, probe)
+        learner_cls = ray.remote(LearnerActor).options(
+            num_cpus=rt.learner_cpus, num_gpus=gpus, max_concurrency=1
         )
+        # Never restarted: its state is the run, and a silent restart would lose updates.
+        self.learners = ActorManager(
+            "policy learner", lambda _: learner_cls.remote(self.cfg, probe)
+        )
+        self.learner = self.learners[0]
         if self.checkpoint:
             ray.get(self.learner.load_state_dict.remote(self.checkpoint["learner"]["state"]))
         self._runner_cls = ray.remote(RunnerActor).options(num_cpus=rt.cpus_per_env_runner)
@@ -187,8 +190,8 @@ class RayRuntime(Runtime):
 
         if getattr(self, "runners", None) is not None:
             self.runners.close()
-        if getattr(self, "learner", None) is not None:
-            ray.kill(self.learner)
+        if getattr(self, "learners", None) is not None:
+            self.learners.close()
         if getattr(self, "_started_ray", False):
             ray.shutdown()
 
