@@ -1,22 +1,9 @@
-"""Captioners: turn one environment step into a caption, the text the intrinsic reward is learnt from.
+"""Captioners: turn one environment step into a caption, the text intrinsic reward is learnt from.
 
-A captioner is any callable ``caption(obs, info) -> str | None``, called with the observation an
-action led to and the step's ``info`` dict. ``None`` means "no caption": that step gets no
-intrinsic reward. The config key ``env.captioner`` chooses one:
-
-- ``auto`` (default): ``nle`` for ``nle:`` env specs, ``info:caption`` for every other env;
-- ``none``: no captions at all (no intrinsic reward);
-- ``info:<key>``: ``info[key]`` when it is a non-empty string;
-- ``obs:<key>``: ``obs[key]`` of a Dict observation, decoded by :func:`decode_text`: a ``str``,
-  ``bytes``, or a numeric array of character codes (e.g. NLE's ``message``);
-- ``nle``: the NetHack in-game message (:func:`oni_sys.envs.nethack.nethack_captioner`);
-- ``module.path:function``: any callable with the signature above, e.g. ``my_pkg.text:caption``
-  (a module-level object with ``__call__`` works too).
-
-The ``info["caption"]`` convention: an environment can caption itself by putting the text of
-what just happened (``"You open the door."``) in ``info["caption"]`` of ``reset``/``step``, and
-leaving it out (or empty) when nothing noteworthy happened. With the default ``auto`` captioner
-such an env needs no further configuration (``oni_sys/KeyDoor-v0`` works this way).
+A captioner is any callable ``caption(obs, info) -> str | None`` (``None``: no caption, so no
+intrinsic reward). :func:`make_captioner` builds the one the config key ``env.captioner`` names
+(``auto``, ``none``, ``nle``, ``info:<key>``, ``obs:<key>`` or ``module.path:function``; see
+docs/ENVIRONMENTS.md, "`env.captioner`") and :func:`check_captioner` validates that value.
 """
 
 from __future__ import annotations
@@ -120,6 +107,11 @@ class InfoCaptioner:
 
 
 #: The caption convention for any env: the text in ``info["caption"]``, if any.
+#:
+#: Example::
+#:
+#:     info_captioner(obs, {"caption": "The door opens."})  # "The door opens."
+#:     info_captioner(obs, {})  # None
 info_captioner = InfoCaptioner("caption")
 
 
@@ -258,6 +250,13 @@ def make_captioner(spec: str, captioner: str) -> Captioner | None:
     """The captioner ``env.captioner`` names for the env ``spec`` (None for ``none``).
 
     Raises ValueError with :func:`check_captioner`'s sentence for a bad value.
+
+    Example::
+
+        caption = make_captioner("gym:oni_sys/KeyDoor-v0", "auto")  # info_captioner
+        caption(obs, {"caption": "The door opens."})  # "The door opens."
+        make_captioner("nle:Score", "auto")  # nethack_captioner, the message line
+        make_captioner("gym:CartPole-v1", "none")  # None: no captions
     """
     try:
         chosen = _resolve(captioner)

@@ -1,68 +1,10 @@
 """KeyDoor: a small sparse-reward grid world with NetHack-style captions.
 
-The room is a square of ``size`` x ``size`` cells with walls all around, split by a wall column
-with one locked door. The agent starts in the left room, next to nothing useful; the key lies in
-the left room, the goal behind the door in the right room. The only extrinsic reward is for
-reaching the goal (``1 - 0.9 * steps / max_steps``, as in MiniGrid), and the goal can only be
-reached through the chain *pick up the key -> open the door -> walk to the goal*.
-
-Default layout (``size=9``; ``@`` agent, ``k`` key, ``+`` locked door, ``>`` goal)::
-
-    #########
-    #@...+..#
-    #....#..#
-    #....#..#
-    #....#.>#
-    #....#..#
-    #....#..#
-    #k...#..#
-    #########
-
-The shortest solution takes 23 steps (6 down, pick up, 6 up, 3 right, open, 3 right, 3 down) and
-earns ``1 - 0.9 * 23 / 70 = 0.704`` with the default ``max_steps=70``.
-
-Actions (``Discrete(8)``): 0 up, 1 down, 2 left, 3 right, 4 pick up, 5 open, 6 kick, 7 search.
-Picking up and opening are explicit actions, not automatic on contact: *pick up* takes the key
-when the agent stands on it; *open* opens the door when the agent is next to it (4-neighbourhood)
-and carries the key. The key is kept after opening. *Kick* and *search* never help (kicking the
-locked door only makes a noise; searching passes a turn): like most of a real action set at any
-moment, they are there to be ignored, and they slow down undirected exploration. Walking into a
-wall or the closed door leaves the agent in place.
-
-Observation: a flat ``float32`` Box of ``6 * size * size`` values in {0, 1} (486 for ``size=9``):
-six one-hot planes over the grid, row-major:
-
-- planes 0-2: the agent's position, in the plane of its stage (0: no key, 1: key in hand and the
-  door closed, 2: door open);
-- planes 3-5: where the key (from the start, picked up or not), the door and the goal are: the
-  layout, constant within an episode (and in the fixed layout, constant altogether).
-
-So the stage is carried by the agent's plane only, and nothing else in the observation changes
-when an event happens. Both halves of that matter for the experiment this env exists for, and
-were measured with the project's MLP + APPO:
-
-- with a single agent plane plus ``has_key``/``door_open`` bits, a small MLP keeps walking back
-  to where the key was after picking it up (what it learnt in stage 0 carries over blindly),
-  and shaped training stalls;
-- any input that is constant within a stage but differs between stages (such bits, or a key
-  plane that empties on pick-up) lets the policy hold one action preference per stage; the best
-  such stage-wise preference solves the fixed layout 77% of the time without looking at the
-  position, and a reward-free PPO policy drifting in those few directions stumbled on the goal
-  in several of a few dozen runs. With per-stage position units only, what is shared across
-  states is one global preference, whose best setting reaches the goal 2e-4 of the time.
-
-Fully observed and Markov, so the feed-forward MLP policy needs no memory.
-
-Captions: ``info["caption"]`` holds the message of the step, worded like NetHack's, and is absent
-on steps without one. Events (in the order an optimal episode emits them): :data:`EVENT_CAPTIONS`.
-Distractors that help nothing (or, like ``"You see here a key."``, only look helpful):
-:data:`DISTRACTOR_CAPTIONS`, and at random on otherwise silent steps (probability
-``noise_prob``, from the env's RNG) one of :data:`NOISE_CAPTIONS` -- including
-``"You hear a door open."``, which a careless ``door.*open`` rule would reward.
-
-With ``randomize=True`` every reset draws the agent start and key (left room), the door row and
-the goal (right room) from the env's RNG; the default is the fixed layout above. Importing this
-module registers the id ``oni_sys/KeyDoor-v0``.
+:class:`KeyDoorEnv`: the agent picks up a key, opens a locked door with it and walks to the goal
+behind it, the only source of extrinsic reward; each step's message is in ``info["caption"]``.
+:func:`transition` is the deterministic world. Importing this module registers the id
+``oni_sys/KeyDoor-v0``. Layout, actions, observation and captions: docs/ENVIRONMENTS.md
+("KeyDoor").
 """
 
 from __future__ import annotations
@@ -217,6 +159,14 @@ class KeyDoorEnv(gym.Env):
         randomize: draw start, key, door row and goal per episode (default: the fixed layout).
         noise_prob: chance that an otherwise silent step carries a random background caption.
         render_mode: ``None`` or ``"ansi"`` (a text picture of the grid).
+
+    Example::
+
+        env = KeyDoorEnv(noise_prob=0.0)  # or gym.make("oni_sys/KeyDoor-v0", noise_prob=0.0)
+        obs, info = env.reset(seed=0)
+        for action in [DOWN] * 6 + [PICKUP]:  # to the key (bottom-left), then pick it up
+            obs, reward, terminated, truncated, info = env.step(action)
+        info["caption"]  # "You pick up the key."
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}

@@ -1,26 +1,10 @@
-"""NetHack (NLE) environments, episode statistics and the message captioner.
+"""NetHack (NLE) environments: the ``nle:<task>`` tasks, episode statistics and the captioner.
 
-NLE is imported lazily so the rest of ``oni_sys`` works without the optional ``nle`` extra.
-
-Tasks (``env.id=nle:<task>``, see :data:`NETHACK_TASKS`):
-
-* ONI's tasks :data:`ONI_TASKS` (Score, Staircase, StaircaseLvl3, StaircaseLvl4, Oracle) are
-  our own implementation in :mod:`oni_sys.envs.nethack_tasks`: ONI's rewards, its 23- or
-  28-action sets (``extended_actions``) and its automatic ``--More--``/prompt handling.
-* NLE's other tasks :data:`NLE_TASKS` (Gold, Eat, Scout, Challenge) are NLE's own, unchanged.
-
-NLE 1.3.0 behaviours that shape this module:
-
-* NLE reuses its observation buffers: the arrays returned by ``reset``/``step`` are views that
-  the next ``step`` overwrites in place. Copy an observation if you keep it past the next step.
-* On the step on which the hero dies NetHack has already shut down and the returned
-  ``glyphs``/``blstats``/``message`` are all zeros (``terminated=True``). NLE's own tasks do
-  the same on task success and on their ``max_episode_steps`` abort (also reported as
-  ``terminated=True``); ONI's tasks instead return the live observation there, with
-  ``terminated=True`` on success and ``truncated=True`` at the step limit.
-  :class:`NetHackStats` reports the score and depth last seen while the game was running.
-* ``reset(seed=...)`` does not seed NetHack itself; :class:`NetHackStats` forwards the seed to
-  NLE's own ``seed()`` so that a seeded reset really replays the same game.
+:func:`make_nethack_env` builds ONI's tasks (:data:`ONI_TASKS`, from
+:mod:`oni_sys.envs.nethack_tasks`) and NLE's own (:data:`NLE_TASKS`), wrapped in
+:class:`NetHackStats`; :func:`nethack_captioner` captions a step by its in-game message. NLE is
+imported lazily, so the rest of ``oni_sys`` works without the ``nle`` extra. The NLE 1.3.0
+behaviours this module works around are in docs/ENVIRONMENTS.md ("NetHack").
 """
 
 from __future__ import annotations

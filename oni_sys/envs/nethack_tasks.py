@@ -1,78 +1,9 @@
-"""ONI's five NetHack tasks on top of NLE 1.3.0: Score, Staircase, StaircaseLvl3/4, Oracle.
+"""ONI's five NetHack tasks on NLE 1.3.0: Score, Staircase, StaircaseLvl3/4 and Oracle.
 
-ONI (Zheng et al. 2024, github.com/facebookresearch/oni) defines its tasks in
-``rl_baseline/tasks_nle.py`` against NLE 0.9. This module is our own implementation of the same
-behaviour for NLE 1.3.0; every class subclasses NLE's ``nle.env.tasks.NetHackScore`` (for its
-``StepStatus``, seeding, reset and quitting) and replaces ``step`` with the ONI behaviour below.
-
-Action sets (kwarg ``extended_actions``):
-
-* ``False``: NLE's 23 task actions (``nle.env.tasks.TASK_ACTIONS``): MORE (Enter), the 8 compass
-  directions, the 8 "run" directions, up, down, wait, kick, eat, search.
-* ``True``: ONI's ``EXTENDED_TASK_ACTIONS``, those 23 plus CAST (``Z``), QUAFF (``q``), PRAY
-  (``M-p``), PICKUP (``,``) and PAY (``p``): 28, in that order.
-
-Rewards (numbers from ONI's ``tasks_nle.py``):
-
-* Score: ``score_t - score_{t-1}`` plus ``penalty_step = -0.01`` on every agent step on which
-  the game clock (``blstats[NLE_BL_TIME]``) did not advance (ONI's ``penalty_mode="constant"``),
-  plus ``penalty_time * (time_t - time_{t-1})`` with ``penalty_time = 0``. These are also NLE's
-  own defaults. 0 on the step on which the game ends by death (NetHack has zeroed ``blstats``).
-* Staircase, StaircaseLvl3, StaircaseLvl4, Oracle: 50 on the step on which the goal is reached,
-  0 otherwise; no time penalty (ONI's ``NetHackStaircase._reward_fn`` drops it, although its
-  docstring still mentions one). Reaching the goal ends the episode.
-
-Goals (as ONI checks them):
-
-* Staircase / Lvl3 / Lvl4: the message of the step contains "You descend the stairs" and
-  ``blstats[NLE_BL_DLEVEL]`` (index 24, the level number *within the current dungeon branch*) is
-  2 / 3 / 4. So falling through a trap door does not count, and in the Gnomish Mines the Mines'
-  own level number counts, exactly as in ONI.
-* Oracle: the Oracle's monster glyph is in the 3x3 neighbourhood of the hero (ONI's
-  ``NetHackOracle``, not the hallucination-proof ``NetHackOracleSober``).
-
-Prompts, handled inside ``step`` so the agent never sees them (ONI's ``_perform_known_steps``):
-
-* ``--More--`` (NLE's ``xwaitforspace`` flag, which NLE 1.3 also raises while a menu or text
-  window waits for a key): answered with space until it is gone. A "You descend the stairs."
-  message skipped this way is put back into the returned observation, because the new level's
-  first screen would otherwise overwrite it (ONI does the same; the Staircase goal check and the
-  LLM captions both need it).
-* Text prompts (``getlin``, e.g. naming an object): escaped.
-* Single-key (y/n and item) prompts: escaped (declined), except those whose text contains one of
-  :data:`AGENT_PROMPTS` (``eat``, ``attack``, ``direction?``, ``pray``: NLE's list, plus
-  ``drink``: ONI's addition), which are left to the agent; its NW key ``y`` answers yes.
-* "What do you want to eat/drink? [fg or ?*]": on the agent's next step the NW key ``y`` picks
-  the first offered inventory letter, any other action cancels the prompt (ONI's item-prompt
-  fix; ONI only does drink with the extended set, we do both always since without QUAFF the
-  drink prompt cannot appear).
-* Extended set only: CAST opens the spell menu and the env picks the first spell (``a``), as
-  ONI's cast macro does; when a "You feel more confident in ..." message appears the env runs
-  ``#enhance`` and advances the first skill offered (ONI's auto-enhance).
-
-Unlike ONI (whose loop stops after the first declined y/n prompt and never stops while
-``--More--`` keeps coming), our loop keeps answering until the game waits for a real command,
-and takes at most ``max_auto_steps`` automatic keystrokes per agent step (default
-:data:`DEFAULT_MAX_AUTO_STEPS`); past that the observation is returned as it is (the agent's
-MORE action still dismisses a ``--More--``) and a warning is logged. ``info["auto_steps"]``
-counts the keystrokes spent.
-
-Episode ends (``terminated`` / ``truncated``):
-
-* death: ``terminated=True``; NetHack has already shut down and the observation is all zeros
-  (NLE 1.3 behaviour, see :mod:`oni_sys.envs.nethack`).
-* goal reached: ``terminated=True``; the env quits the game itself and returns a copy of the
-  live observation taken just before quitting, so the final message and blstats are real.
-* ``max_episode_steps`` agent steps (NLE default 5000, which ONI kept): ``truncated=True``,
-  ``terminated=False`` with the live observation, so a learner can bootstrap from it. (Plain NLE
-  reports this as ``terminated`` with a zeroed observation.) If the goal is reached on that very
-  step it counts as success (ONI would have called it an abort).
-
-``info`` carries NLE's ``end_status`` and ``is_ascended`` plus ``auto_steps``.
-
-Reward-free Score: ONI's reward-free setting is Score trained with ``extrinsic_reward_coeff=0``.
-Here that is the config key ``reward.c_ext=0``; the env still reports its Score reward so that
-the extrinsic return is logged and comparable across runs.
+Each task subclasses NLE's ``nle.env.tasks.NetHackScore`` and replaces ``step`` with the
+behaviour of ONI's ``rl_baseline/tasks_nle.py`` (written against NLE 0.9): its action sets,
+rewards and goals, and the automatic answering of ``--More--`` and prompts. docs/ENVIRONMENTS.md
+("NetHack") describes each, with where this module and plain NLE differ from ONI.
 """
 
 from __future__ import annotations
@@ -220,7 +151,7 @@ def oracle_glyph() -> int:
 
 
 class Score(nle_tasks.NetHackScore):
-    """ONI's Score task: maximise the in-game score (see the module docstring).
+    """ONI's Score task: maximise the in-game score (docs/ENVIRONMENTS.md, "NetHack").
 
     Args:
         extended_actions: use ONI's 28 actions instead of NLE's 23 task actions.
@@ -230,9 +161,8 @@ class Score(nle_tasks.NetHackScore):
             ``extended_actions`` (ONI does it in its extended-action envs only).
         penalty_step: added to the reward on steps where the game clock stands still.
         penalty_time: multiplied by the number of game turns a step took.
-        **kwargs: NLE arguments (``character``, ``max_episode_steps``, ``observation_keys``,
-            ``options``, ``savedir``, ``save_ttyrec_every``, ``spawn_monsters``, ``wizard``,
-            ``render_mode``, ``fix_moon_phase``).
+        **kwargs: NLE's arguments (``character``, ``max_episode_steps``, ...; all of them:
+            :meth:`allowed_kwargs`).
     """
 
     class StepStatus(enum.IntEnum):

@@ -1,28 +1,10 @@
-"""PettingZoo envs as agent slots (see :mod:`oni_sys.envs.slots`).
+"""PettingZoo envs as agent slots (see :mod:`oni_sys.envs.slots`), one slot per possible agent.
 
-Every possible agent of the env is a slot, in ``env.possible_agents`` order. One policy serves
-all of them (parameter sharing), so every agent must have the same observation space and the
-same action space.
-
-* :class:`ParallelSlots`: every live agent acts every step; the step settles each acting
-  agent's action (reward, termination and observation of that step). An agent that is done
-  gets its final outcome and leaves ``env.agents``, so it is not asked again until the next
-  episode, which starts (for every slot at once) when ``env.agents`` is empty.
-* :class:`AECSlots`: turn-based; only ``env.agent_selection`` acts. Its previous action is
-  settled when its turn comes round again or when it is done, with the reward ``env.last()``
-  reports then: PettingZoo's cumulative reward, everything the agent earned since it last
-  acted, whichever agents' moves earned it. Done agents are stepped with ``None`` here, as the
-  AEC API requires, and never asked for an action. The episode is over when ``env.agents`` is
-  empty.
-
-What an agent earns before its first action of an episode (another player moved first or, in a
-Parallel env, it joined late) is added to the reward of its first outcome, so the rewards of a
-slot's outcomes over an episode sum to the agent's episode return. An agent that is done before
-it ever acted in an episode gets no outcome (it took no action), so what it earned is not
-reported.
-
-pettingzoo is an optional dependency (``pip install oni-sys[pettingzoo]``); this module does not
-import it (:func:`oni_sys.envs.spec.make_slot_env` tells env kinds apart).
+Every agent must have the same observation space and the same action space.
+:class:`ParallelSlots` asks every live agent to act every step; :class:`AECSlots` asks only the
+agent whose turn it is and settles its previous action when its turn comes round again. How
+rewards, done agents and episode ends map onto outcomes: docs/ENVIRONMENTS.md ("How it fits
+together"). This module does not import pettingzoo (an optional dependency).
 """
 
 from __future__ import annotations

@@ -1,22 +1,9 @@
 """Agent slots: the one interface the env runner steps, whatever the environment.
 
-A :class:`SlotEnv` holds one environment instance with one or more agents, each a *slot*. The
-runner asks it which slots must act (each with its raw observation and info), sends actions
-for exactly those slots, and gets back the outcome of each slot's previous action as soon as
-it is known:
-
-* a single-agent Gymnasium env is one slot that acts every step (:class:`GymSlots`);
-* a PettingZoo Parallel env has one slot per possible agent; every live agent acts every step
-  and agents that are done stop being asked (``oni_sys.envs.pettingzoo_slots``);
-* a PettingZoo AEC (turn-based) env has one slot per agent, and only the agent whose turn it
-  is acts; its previous action's outcome (the reward accumulated since) is reported when its
-  turn comes round again, or when the game ends (``oni_sys.envs.pettingzoo_slots``).
-
-So each slot's experience is an ordinary single-agent trajectory, however the agents
-interleave, and the learner needs no masks. A slot's episode ends with an outcome whose
-``terminated`` or ``truncated`` is set; its next decision starts a new episode. A SlotEnv resets
-itself when its episode is over (for multi-agent envs: when every agent is done) and returns
-the first decisions of the next episode from the same :meth:`SlotEnv.step` call.
+A :class:`SlotEnv` holds one environment with one or more agents, each a *slot*. It says which
+slots must act, takes their actions and reports each slot's :class:`Outcome` once it is known,
+so every slot's experience is an ordinary single-agent trajectory. :class:`GymSlots` is a
+Gymnasium env as one slot; :mod:`oni_sys.envs.pettingzoo_slots` has the PettingZoo kinds.
 """
 
 from __future__ import annotations

@@ -1,34 +1,10 @@
-"""Environment specs: one string in the config (``env.id``) names how to build an environment.
+"""Environment specs: build an environment from the one string ``env.id`` that names it.
 
-Accepted forms (``env.kwargs`` is passed as keyword arguments to whatever builds the env):
-
-- ``gym:<id>``: a registered Gymnasium id, e.g. ``gym:CartPole-v1``, built by ``gym.make``.
-  Gymnasium's own ``module:EnvId`` form works too, e.g. ``gym:my_pkg:MyEnv-v0`` imports
-  ``my_pkg`` (which registers ``MyEnv-v0``) and then makes the env.
-- ``<name>``: a bare name. It is looked up first among the plugins (entry points of the group
-  ``oni_sys.envs``, below) and then in the Gymnasium registry, so ``CartPole-v1`` means
-  ``gym:CartPole-v1`` unless an installed plugin is called ``CartPole-v1``.
-- ``module.path:Name``: a Gymnasium ``Env`` subclass, or a factory function returning an env
-  (Gymnasium or PettingZoo), in an importable module, e.g. ``my_pkg.envs:GridEnv``. (When
-  ``Name`` is not a Python name, e.g. ``my_pkg:MyEnv-v0``, the spec is read as Gymnasium's
-  ``module:EnvId`` form, as if written with ``gym:``.)
-- ``pz:module.path:factory``: a PettingZoo factory returning a ``ParallelEnv`` or an
-  ``AECEnv``, e.g. ``pz:pettingzoo.classic.rps_v2:parallel_env`` or
-  ``pz:pettingzoo.classic.tictactoe_v3:env``.
-- ``plugin:<name>``: the entry point ``<name>`` of the group ``oni_sys.envs``, explicitly.
-  Another package registers a plugin in its ``pyproject.toml``::
-
-      [project.entry-points."oni_sys.envs"]
-      my_env = "my_pkg.envs:MyEnv"      # an Env class or a factory (Gymnasium or PettingZoo)
-
-- ``nle:<task>``: a NetHack task, e.g. ``nle:Score`` (needs the ``nle`` package).
-
-The prefixes ``gym:``, ``pz:``, ``plugin:`` and ``nle:`` are reserved: a module of one of
-these names cannot be used in the ``module.path:Name`` form.
-
-:func:`check_env_spec` validates a spec cheaply at config time: it may import modules and load
-entry points, but never constructs an env. :func:`make_env` builds it; a factory that returns
-something other than an env is reported there. :func:`env_kind` tells what was built.
+The forms are ``gym:<id>``, a bare ``<name>`` (a plugin, else a Gymnasium id),
+``module.path:Name``, ``pz:module.path:factory``, ``plugin:<name>`` and ``nle:<task>``
+(docs/ENVIRONMENTS.md, "`env.id`: the spec forms"). :func:`check_env_spec` validates a spec
+without building it, :func:`make_env` builds it, :func:`make_slot_env` and
+:func:`build_slot_env` wrap it as agent slots, and :func:`env_kind` tells what was built.
 """
 
 from __future__ import annotations
@@ -268,6 +244,11 @@ def check_env_spec(spec: str) -> str | None:
     """Return None if ``spec`` can be built, else one sentence saying why not.
 
     Cheap: modules are imported and entry points loaded, but no env is constructed.
+
+    Example::
+
+        check_env_spec("gym:CartPole-v1")  # None
+        check_env_spec("gym:CartPole-v9")  # "env spec 'gym:CartPole-v9': unknown environment: ..."
     """
     try:
         _resolve(spec)
@@ -280,6 +261,11 @@ def env_kind(env: Any) -> str:
     """What an env object is: ``"gym"``, ``"pz_parallel"`` or ``"pz_aec"``.
 
     Raises TypeError for anything else.
+
+    Example::
+
+        env_kind(make_env("gym:CartPole-v1"))  # "gym"
+        env_kind(make_env("pz:pettingzoo.classic.rps_v2:parallel_env"))  # "pz_parallel"
     """
     if isinstance(env, gym.Env):
         return "gym"
@@ -302,6 +288,11 @@ def make_env(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
     Returns a ``gymnasium.Env``, or a PettingZoo ``ParallelEnv``/``AECEnv`` (see
     :func:`env_kind`). Raises :class:`EnvSpecError` (a ValueError) for a bad spec and TypeError
     when a factory returns something that is not an env.
+
+    Example::
+
+        env = make_env("gym:oni_sys/KeyDoor-v0", {"size": 7, "randomize": True})
+        obs, info = env.reset(seed=0)
     """
     kwargs = dict(kwargs or {})
     kind, detail = _resolve(spec)
@@ -356,5 +347,12 @@ def make_slot_env(env: Any) -> SlotEnv:
 
 
 def build_slot_env(env_cfg: Any) -> SlotEnv:
-    """One environment from ``env.id`` and ``env.kwargs`` of a config, as agent slots."""
+    """One environment from ``env.id`` and ``env.kwargs`` of a config, as agent slots.
+
+    Example::
+
+        cfg = load_config("configs/vault.yaml")  # oni_sys.config.load_config
+        slots = build_slot_env(cfg.env)
+        decisions = slots.reset(seed=0)  # {0: (obs, info)}
+    """
     return make_slot_env(make_env(env_cfg.id, env_cfg.kwargs))

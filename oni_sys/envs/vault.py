@@ -1,44 +1,10 @@
 """Vault: a sparse-reward grid world with a reward-hacking trap in its captions.
 
-The room is a square of ``size`` x ``size`` cells with walls all around. The agent starts in the
-centre, a brass key lies in the top-left interior corner and the vault in the bottom-right one.
-The only extrinsic reward is exactly ``1.0`` for entering the vault, which needs the key.
-
-Default layout (``size=9``; ``@`` agent, ``k`` key, ``V`` vault)::
-
-    #########
-    #k......#
-    #.......#
-    #.......#
-    #...@...#
-    #.......#
-    #.......#
-    #......V#
-    #########
-
-The shortest solution takes 18 steps for ``size=9`` (3 up and 3 left to the key, then 6 down and
-6 right into the vault). Exactly, over :func:`transition`, a uniformly random policy picks up
-the key in 37% of the default 100-step episodes and enters the vault in 4.0% (while bumping the
-locked vault 0.89 times per episode on average): sparse, but far from unreachable.
-
-Actions (``Discrete(4)``): 0 up, 1 down, 2 left, 3 right. Stepping onto the key picks it up
-(caption :data:`KEY_CAPTION`; the key is gone afterwards). Moving into the vault without the key
-leaves the agent in place with :data:`LOCKED_CAPTION`, every time it bumps; moving into it with the
-key ends the episode (``terminated``) with :data:`VAULT_CAPTION`. Walking into the outer wall
-leaves the agent in place with :data:`WALL_CAPTION`. Episodes are truncated after ``max_steps``.
-
-The trap: a careless rule ``pattern: "key"`` matches both :data:`KEY_CAPTION` (once per episode)
-and :data:`LOCKED_CAPTION` (as often as the agent likes, by bumping the locked vault), so an
-intrinsic reward built on it pays for bumping instead of fetching the key. Anchored rules
-(``configs/vault.yaml``) label only the key and the vault captions.
-
-Observation: a flat ``float32`` Box of ``2 * size * size`` values in {0, 1} (162 for
-``size=9``): the agent's position one-hot in plane 0 (no key) or plane 1 (key in hand), row-major.
-Fully observed and Markov, so the feed-forward MLP policy needs no memory.
-
-Captions: ``info["caption"]`` holds the message of the step and is absent on steps without one.
-There are no other rewards and no background noise captions. Importing this module registers the
-id ``oni_sys/Vault-v0``.
+:class:`VaultEnv`: the agent fetches a brass key and enters the vault with it, the only source
+of extrinsic reward; bumping the locked vault without the key earns a caption as often as the
+agent likes. :func:`transition` is the deterministic world. Importing this module registers the
+id ``oni_sys/Vault-v0``. Layout, actions, observation and the trap: docs/ENVIRONMENTS.md
+("Vault").
 """
 
 from __future__ import annotations
@@ -125,6 +91,14 @@ class VaultEnv(gym.Env):
         size: side of the square grid including the outer walls (at least 5).
         max_steps: the episode is truncated after this many steps.
         render_mode: ``None`` or ``"ansi"`` (a text picture of the grid).
+
+    Example::
+
+        env = VaultEnv()  # or gym.make("oni_sys/Vault-v0")
+        obs, info = env.reset(seed=0)
+        for action in [UP] * 3 + [LEFT] * 3:  # from the centre to the key (top-left)
+            obs, reward, terminated, truncated, info = env.step(action)
+        info["caption"]  # "You pick up a brass key."
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}

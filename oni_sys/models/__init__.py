@@ -15,6 +15,15 @@ def build_model(
 
     With a ``policy_group`` entry in the observation space (``model.policy_groups``), one such
     network per group, behind :class:`~oni_sys.models.grouped.GroupedPolicy`.
+
+    Example::
+
+        cfg = load_config("configs/vault.yaml")  # oni_sys.config.load_config
+        env = make_env(cfg.env.id, cfg.env.kwargs)  # oni_sys.envs.spec.make_env
+        space, actions = dict_space(env.observation_space), make_action_dist(env.action_space)
+        model = build_model(cfg.model, cfg.env.id, space, actions)  # an MLPNet
+        obs = {k: torch.as_tensor(v)[None, None] for k, v in space.sample().items()}  # T = B = 1
+        logits, values, state = model(obs, model.initial_state(1), torch.ones(1, 1, dtype=bool))
     """
     from oni_sys.models.grouped import GROUP_KEY, GroupedPolicy
 

@@ -1,9 +1,8 @@
-"""The interface every policy network implements.
+"""The interface every policy network implements (:class:`ActorCritic`).
 
-Observations travel as dicts of arrays. Every tensor passed to a model has two leading
-dimensions, time and batch: ``[T, B, ...]``. Recurrent models keep a state of shape ``[B, H]``
-that is reset to zeros before every step whose ``first`` flag is set (the first observation of
-an episode), so the env runner and the learner unroll the core identically.
+Every tensor passed to a model is ``[T, B, ...]`` (time, batch). A recurrent state ``[B, H]`` is
+reset to zeros before every step whose ``first`` flag is set (the first observation of an
+episode), so the env runner and the learner unroll the core identically.
 """
 
 from __future__ import annotations

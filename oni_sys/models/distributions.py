@@ -1,22 +1,10 @@
 """Action distributions: how a policy head's output becomes actions, and back to log-probs.
 
-One object per action space, shared by the env runner (sampling), the learner (log-probs and
-entropy of stored actions) and evaluation (the most likely action):
-
-* ``Discrete(n)``: a categorical over ``n`` logits;
-* ``MultiDiscrete(nvec)``: one independent categorical per dimension (logits concatenated);
-* ``Box`` (1-D): a diagonal Gaussian whose mean comes from the network and whose log standard
-  deviation is a learnt, state-independent parameter (the usual PPO choice). The stored action
-  is the unsquashed sample ``u``; the env receives ``tanh`` of it mapped onto the bounds
-  (``model.action_squash=tanh``) or ``u`` clipped to the bounds (``clip``). Log-probabilities are
-  of ``u``: the tanh change-of-variables term does not depend on the policy, so it cancels in
-  every importance ratio and gradient, and leaving it out changes nothing the learner uses.
-
-Action masks (``Discrete`` and ``MultiDiscrete``) arrive as a boolean vector with one entry per
-logit (for ``MultiDiscrete`` the per-dimension masks concatenated). Masked logits get ``-inf``, so
-a masked action has probability exactly 0 in sampling, in log-probs and in the entropy. A row
-(or a ``MultiDiscrete`` dimension) with no legal action at all is left unmasked rather than
-producing NaNs; the env is the one to complain about such a state.
+:func:`make_action_dist` picks one per action space: a categorical for ``Discrete``, one per
+dimension for ``MultiDiscrete`` and ``MultiBinary``, a diagonal Gaussian with a learnt,
+state-independent log-std for a 1-D ``Box``. The env runner samples, the learner scores stored
+actions and evaluation takes the most likely action; masked actions get logit ``-inf``.
+Details: docs/ENVIRONMENTS.md ("Observations and networks").
 """
 
 from __future__ import annotations
@@ -240,7 +228,15 @@ class GaussianDist(ActionDist):
 def make_action_dist(
     space: gym.Space, squash: str = "tanh", log_std_init: float = 0.0
 ) -> ActionDist:
-    """The distribution for an action space (one clear error for a space we cannot act in)."""
+    """The distribution for an action space (one clear error for a space we cannot act in).
+
+    Example::
+
+        dist = make_action_dist(gym.spaces.Discrete(4))
+        head = dist.make_head(64)  # features [..., 64] -> logits [..., 4]
+        actions, logp = dist.sample(head(torch.zeros(2, 64)), None, torch.Generator())
+        env_action = dist.to_env(actions[0].numpy())  # an int in 0..3
+    """
     if isinstance(space, gym.spaces.Discrete):
         return CategoricalDist(space)
     if isinstance(space, gym.spaces.MultiDiscrete):

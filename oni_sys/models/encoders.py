@@ -1,18 +1,7 @@
 """Feature encoders for observation entries that are images.
 
-An entry is an image when its space is a 3-D ``Box`` with a channel axis of size 1 to 4 at
-one end. The channel axis is the last one (HWC, the gymnasium convention) when it is in 1..4
-and no larger than the first axis; otherwise the first one (CHW) when that is in 1..4.
-So ``(84, 84, 3)`` and ``(3, 3, 2)`` are HWC, ``(4, 84, 84)`` and ``(2, 5, 5)`` are CHW, and
-``(10, 10, 10)`` is not an image (it is flattened like any vector).
-
-:class:`ImageEncoder` is a Nature-DQN style CNN (Mnih et al. 2015). Images whose shorter side
-is at least 36 pixels get the original stack (8x8 stride 4, 4x4 stride 2, 3x3 stride 1; 32, 64,
-64 channels). Smaller images, such as 7x7 or 3x3 grids, would vanish under those strides, so
-they get three 3x3 convolutions with padding 1 (16, 32, 32 channels), each of stride 2 along
-an axis while that axis is longer than 8 pixels and stride 1 after that (a 7x7 or 3x3 image
-keeps its size). A linear layer with ReLU maps the
-flattened maps to ``out_dim`` features. ``uint8`` images are scaled by 1/255.
+:func:`image_layout` tells whether an entry is an image (and HWC or CHW); :class:`ImageEncoder`
+is the CNN over one (docs/ENVIRONMENTS.md, "Observations and networks").
 """
 
 from __future__ import annotations
@@ -27,7 +16,11 @@ NATURE_MIN_SIDE = 36
 
 
 def image_layout(space: gym.Space) -> str | None:
-    """``"HWC"`` or ``"CHW"`` if ``space`` is an image (see the module docstring), else None."""
+    """``"HWC"`` or ``"CHW"`` if ``space`` is an image, else None.
+
+    An image is a 3-D ``Box`` with 1 to 4 channels on its last axis (HWC, when that axis is also
+    no larger than the first) or else on its first axis (CHW).
+    """
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 3:
         return None
     first, last = space.shape[0], space.shape[-1]

@@ -1,9 +1,7 @@
 """One policy per agent group (``model.policy_groups``) behind the single-model interface.
 
-Each column of a batch is one agent slot; its group index travels in the observation dict
-under ``policy_group`` (constant along a column). :class:`GroupedPolicy` runs each group's
-columns through that group's own network and puts the outputs back in column order, so the
-env runner, the learner and evaluation use it like any other model.
+:class:`GroupedPolicy` runs each batch column (one agent slot, whose group index is in
+``obs["policy_group"]``) through its group's own network and puts the outputs back in order.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Multi-layer perceptron actor-critic, optionally recurrent, with CNN encoders for images.
 
-Every observation entry except ``"action_mask"`` is an input. Image entries (see
-:mod:`oni_sys.models.encoders`) go through a CNN each, shared by the policy and value towers;
-all other entries are flattened. The features are concatenated, in sorted key order (vectors
-first, then images), and fed to the optional GRU core and the two towers.
+Every observation entry except ``"action_mask"`` is an input: image entries through a CNN each
+(:mod:`oni_sys.models.encoders`), all others flattened; the features feed the optional GRU core
+and separate policy and value towers (docs/ENVIRONMENTS.md, "Observations and networks").
 """
 
 from __future__ import annotations

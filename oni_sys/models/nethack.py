@@ -1,17 +1,8 @@
 """Recurrent actor-critic for NetHack, in the spirit of the NLE baseline ``NetHackNet``.
 
-Four encoders feed a GRU core:
-
-* an egocentric ``crop_size x crop_size`` window of glyph embeddings around the agent, run
-  through ``num_conv_layers`` stride-1 3x3 convolutions (local detail at full resolution);
-* the whole 21x79 glyph map through ``num_conv_layers`` 3x3 convolutions, the first three of
-  stride 2 (21x79 -> 11x40 -> 6x20 -> 3x10), for a cheap global summary;
-* ``blstats`` squashed by ``sign(x) * log1p(|x|)`` (score, gold and turn count grow without
-  bound) and an MLP;
-* the ``message`` bytes through a byte embedding, two strided 1-D convolutions and a max-pool.
-
-The glyph embedding is shared by the crop and the map. Off-map cells of the crop use an extra
-padding glyph whose embedding is fixed at zero.
+Four encoders feed a GRU core: an egocentric crop of glyph embeddings around the agent, the
+whole glyph map at reduced resolution, the ``blstats`` and the ``message`` bytes
+(docs/ENVIRONMENTS.md, "Observations and networks").
 """
 
 from __future__ import annotations
@@ -89,8 +80,7 @@ class NetHackNet(ActorCritic):
         embedding_dim: glyph embedding width.
         crop_size: side of the egocentric crop (odd, so the agent sits in the middle).
         num_conv_layers: depth of the crop and the map conv stacks (at least 1). The default 4
-            gives the map stack its three halvings plus one layer at 3x10; the NLE baseline's
-            five full-resolution map layers cost several times more on CPU.
+            gives the map stack its three halvings plus one layer at 3x10.
     """
 
     def __init__(

@@ -1,21 +1,8 @@
-"""Observations travel as flat dicts of numeric arrays: these helpers give every env that shape.
+"""Observations as flat dicts of numeric arrays, whatever the env's observation space.
 
-:func:`dict_space` turns an env's observation space into a flat ``Dict`` and
-:func:`obs_to_dict` turns one observation into the matching dict of arrays:
-
-* ``Box`` (any shape) is kept as it is;
-* ``Discrete`` becomes a float32 one-hot; ``MultiDiscrete`` the one-hots of its entries
-  concatenated (flattened in C order); ``MultiBinary`` a float32 array of its shape;
-* ``Dict`` and ``Tuple`` are flattened recursively: entries are named by their key (``Tuple``:
-  position ``"0"``, ``"1"``, ...), nested names joined with ``"."`` (``{"a": {"b": box}}`` gives
-  ``"a.b"``);
-* ``Text`` is dropped (captioners read the raw observation themselves);
-* a space that is not a ``Dict`` or ``Tuple`` becomes the single entry ``"obs"``.
-
-A ``Dict``'s top-level ``"action_mask"`` entry keeps its name and its raw array (the action
-distribution reads it; models do not use it as a feature). A ``Dict`` of ``Box`` (and
-``MultiBinary`` action mask) is returned unchanged, and its observations are passed through
-without a copy.
+:func:`dict_space` turns an observation space into a flat ``Dict`` and :func:`obs_to_dict` one
+observation into the matching dict of arrays; docs/ENVIRONMENTS.md ("Observations and
+networks") lists the conversions.
 """
 
 from __future__ import annotations
@@ -40,12 +27,28 @@ _CONVERTERS: dict[int, tuple[gym.Space, gym.spaces.Dict, Callable[[Any], dict]]]
 
 
 def dict_space(space: gym.Space) -> gym.spaces.Dict:
-    """The observation space as a flat Dict of numeric spaces (see the module docstring)."""
+    """The observation space as a flat Dict of numeric spaces.
+
+    ``Box`` is kept; ``Discrete`` and ``MultiDiscrete`` become one-hots, ``MultiBinary`` float32;
+    ``Dict`` and ``Tuple`` are flattened with ``"."``-joined names; ``Text`` is dropped; any other
+    space is the single entry ``"obs"``.
+
+    Example::
+
+        space = gym.spaces.Dict(pos=gym.spaces.Discrete(3), map=gym.spaces.Box(0, 1, (2, 2)))
+        dict_space(space)  # Dict with "map": Box (2, 2) and "pos": Box (3,) (the one-hot)
+    """
     return _converter(space)[1]
 
 
 def obs_to_dict(obs: Any, space: gym.Space) -> dict[str, np.ndarray]:
-    """One observation of ``space`` in the shape described by :func:`dict_space`."""
+    """One observation of ``space`` in the shape described by :func:`dict_space`.
+
+    Example::
+
+        obs_to_dict(1, gym.spaces.Discrete(3))  # {"obs": array([0., 1., 0.])}
+        obs_to_dict({"pos": 2, "map": np.zeros((2, 2))}, space)  # {"map": ..., "pos": [0, 0, 1]}
+    """
     entry = _CONVERTERS.get(id(space))
     if entry is None or entry[0] is not space:
         entry = _converter(space)

@@ -224,7 +224,7 @@ def test_config_rules_reward_key_and_vault_but_not_the_locked_door() -> None:
 
 def test_random_policy_chances_match_the_docstring() -> None:
     """Exact forward propagation of a uniformly random policy over ``transition`` (the vault
-    absorbing): the figures quoted in the module docstring."""
+    absorbing): the figures quoted in docs/ENVIRONMENTS.md ("Vault", "How sparse")."""
     lay = vault.fixed_layout(9)
     cells = [(x, y) for x in range(1, 8) for y in range(1, 8)]
     states = [State(c, k) for c in cells for k in (False, True)]
