@@ -36,14 +36,14 @@ class EnvConfig:
     id: str = _f(
         "gym:CartPole-v1",
         help="env spec: gym:<id>, <plugin or gymnasium id>, module.path:Name, "
-        "pz:module.path:factory, plugin:<name>, nle:<task> (see oni_sys.envs.spec)",
+        "pz:module.path:factory, plugin:<name>, nle:<task> (see docs/ENVIRONMENTS.md)",
     )
     num_envs: int = _f(16, min=1, help="environments stepped as one batch by each env runner")
     kwargs: dict[str, Any] = _f({}, help="keyword arguments passed to the env constructor")
     captioner: str = _f(
         "auto",
         help="auto (nle for nle: envs, else info:caption), none, nle, info:<key>, obs:<key>, "
-        "module.path:function (see oni_sys.envs.captioners)",
+        "module.path:function (see docs/ENVIRONMENTS.md)",
     )
 
 

@@ -81,7 +81,8 @@ def _slot_groups(names: tuple[str, ...], groups: dict[str, list[str]]) -> tuple[
     missing = [n for n in names if n not in where]
     if missing:
         errors.append(
-            f"model.policy_groups: every agent needs a group; none is given for {', '.join(missing)}"
+            "model.policy_groups: every agent needs a group; none is given for "
+            + ", ".join(missing)
         )
     if errors:
         raise ConfigError(errors)
