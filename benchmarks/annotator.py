@@ -86,7 +86,8 @@ from typing import Any
 import numpy as np
 
 from oni_sys.annotators.prompts import build_classification
-from oni_sys.annotators.service import AnnotationService, question_texts
+from oni_sys.annotators.questions import question_texts
+from oni_sys.annotators.service import AnnotationService
 from oni_sys.config import AnnotatorConfig
 from oni_sys.envs.captions import caption_id
 

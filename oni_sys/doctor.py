@@ -164,8 +164,8 @@ def check_llama_build(needed: bool) -> list[Check]:
 
 async def _ask(cfg: Any) -> tuple[Any, Any]:
     """Build the configured backend, ask the probe question twice (load, then steady state)."""
+    from oni_sys.annotators.backend_factory import make_backend
     from oni_sys.annotators.preflight import ProbeResult, probe_backend
-    from oni_sys.annotators.service import make_backend
 
     try:
         backend = make_backend(cfg)

@@ -1,25 +1,9 @@
 """The annotation store: caption texts and the LLM's labels and preferences, in one SQLite file.
 
-Labels are keyed by *annotator version* (model + prompt + parser), so a changed prompt never
-reuses stale labels and an unchanged one reuses every label across runs and seeds.
-
-Durability and concurrency
-    The file is in WAL mode with ``synchronous=NORMAL``. In WAL mode a commit appends the
-    transaction to the ``-wal`` file with ``write()`` before ``COMMIT`` returns, so the data sit
-    in the kernel's page cache: a SIGKILLed (or crashed) process loses nothing it committed, and
-    the next opener replays the WAL. Only an OS crash or power loss can drop the last few
-    commits (never corrupt the file); ``FULL`` would close that gap with an ``fsync`` per
-    commit, which a label store whose entries can be recomputed by asking the LLM again does
-    not need. Pass ``synchronous="FULL"`` where it does.
-
-    Every write is one ``BEGIN IMMEDIATE`` transaction and every multi-statement read runs
-    inside one read transaction (one snapshot), so readers never see half a batch. Several
-    processes may open the same file: readers never block, writers queue behind the busy
-    timeout. WAL needs shared memory between the processes, so the file must live on a local
-    filesystem of one host (not NFS).
-
-Caption ids are unsigned 64-bit; SQLite integers are signed, so :func:`_to_sql` and
-:func:`_from_sql` map one onto the other (two's complement) and nothing else touches raw ids.
+Labels and preferences are keyed by annotator version; the file is in WAL mode and may be shared
+by the processes of one host (docs/ANNOTATOR.md, "The store"). Caption ids are unsigned 64-bit
+and SQLite's integers signed: :func:`_to_sql` and :func:`_from_sql` map one onto the other, and
+nothing else touches raw ids.
 """
 
 from __future__ import annotations
@@ -251,7 +235,7 @@ def _keys(ids: Iterable[int]) -> tuple[list[int], list[int]]:
 
 
 class AnnotationStore:
-    """Caption texts, labels and preferences in one SQLite file (see the module docstring).
+    """Caption texts, labels and preferences in one SQLite file.
 
     One instance holds one connection; it is safe to share between threads of one process
     (calls are serialised) but not across processes: open one per process, for example from the
@@ -265,10 +249,12 @@ class AnnotationStore:
         synchronous: ``"NORMAL"`` (survives the death of any process) or ``"FULL"`` (also
             survives power loss; one fsync per commit).
 
-    Example:
-        >>> with AnnotationStore(tmp / "labels.sqlite") as store:  # doctest: +SKIP
-        ...     store.add_captions({17: "You kill the newt!"})
-        ...     store.put_labels("gemma3|classify-v1", [StoredLabel(17, 1, 0.93)])
+    Example::
+
+        with AnnotationStore("runs/labels.sqlite") as store:
+            store.add_captions({17: "You kill the newt!"})
+            store.put_labels("gemma3|class-v1", [StoredLabel(17, label=1, probability=0.93)])
+            store.get_labels("gemma3|class-v1", [17])[17].label  # 1
     """
 
     def __init__(

@@ -1,21 +1,10 @@
 """The ``llamacpp`` backend: llama.cpp on CPU in a supervised child process (default: the embedded
 Gemma 3 270M).
 
-The child (:mod:`oni_sys.annotators.llamacpp_child`) runs a
-:class:`~oni_sys.annotators.llamacpp_model.LlamaCppModel`, which keeps the prompt's shared prefix
-in its KV cache between questions. Questions are written to the child's stdin as soon as they are
-asked and answered in order on its stdout, so the child never waits for the next question.
-
-A native crash (SIGSEGV, an OOM kill) takes down only the child: the questions in flight fail
-with :class:`BackendError` (the annotation service asks them again), and the child is restarted
-after an exponential backoff; questions asked meanwhile wait for it. More than ``max_restarts``
-crashes within ``restart_window_s`` put the backend *down*: every call then raises
-:class:`FatalBackendError`. A model that never loads is fatal at once.
-
-Threads: one long-lived supervisor thread spawns every child and writes every request (the child
-gets ``PR_SET_PDEATHSIG``, which fires when the spawning *thread* exits, so spawning must not
-happen on a short-lived thread); per child, one thread reads answer frames and one keeps the tail
-of its stderr.
+:class:`LlamaCppBackend` runs :mod:`~oni_sys.annotators.llamacpp_child`, pipes questions to it and
+reads the answers in order. A crashed child fails its questions in flight with
+:class:`BackendError` and is restarted after a backoff; too many crashes put the backend *down*
+(:class:`FatalBackendError` from then on). Design: docs/ANNOTATOR.md, "The llamacpp backend".
 """
 
 from __future__ import annotations
@@ -139,10 +128,12 @@ class LlamaCppBackend:
             backend is down.
         restart_window_s: the window in which crashes are counted.
 
-    Example:
-        >>> backend = LlamaCppBackend()  # doctest: +SKIP
-        >>> scores = await backend.score(build_classification("You kill the newt!", cfg))
-        >>> p_yes, p_no = scores.probabilities()
+    Example::
+
+        backend = LlamaCppBackend()  # the embedded Gemma 3 270M
+        question = build_classification("You kill the newt!", AnnotatorConfig())
+        p_yes, p_no = backend.score_sync(question).probabilities()
+        backend.close_sync()
     """
 
     def __init__(
@@ -403,7 +394,8 @@ class LlamaCppBackend:
             child.kill()
 
     def _spawn(self) -> None:
-        """Start a child (on this thread: see the module docstring)."""
+        """Start a child. On this long-lived supervisor thread, never a short-lived one: the
+        child's ``PR_SET_PDEATHSIG`` fires when the thread that spawned it exits."""
         package_root = str(Path(oni_sys.__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)

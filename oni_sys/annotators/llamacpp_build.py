@@ -1,19 +1,6 @@
-"""Which CPU features the installed llama.cpp (llama-cpp-python) was built to use.
-
-llama-cpp-python compiles llama.cpp on install, by default with ``-march=native``: the library
-then uses whatever the build machine's CPU has. ggml's AMX kernels, picked that way on Intel
-Sapphire Rapids, segfault on the first decode of a Q4_K_M model (llama.cpp issue 20824), and a
-library built with AVX-512 dies with SIGILL on a CPU without it. ``make setup`` therefore builds
-the x86-64 baseline below (``GGML_NATIVE=OFF`` with AVX, AVX2, FMA, F16C and BMI2).
-
-The CPU backend's features in ``llama_print_system_info()`` are compile-time facts (each is
-``#if defined(__AVX2__)`` and so on in ggml-cpu.c), so the line tells how the library was built,
-not what this machine's CPU can do. For llama-cpp-python 0.3.36 a portable build prints::
-
-    CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |
-
-and a native one on Sapphire Rapids adds ``AVX_VNNI``, ``AVX512``, ``AVX512_VBMI``,
-``AVX512_VNNI``, ``AVX512_BF16`` and ``AMX_INT8``.
+"""Which CPU features the installed llama.cpp (llama-cpp-python) was built to use, read from its
+system-info line, and whether that build is the portable one ``make setup`` makes
+(docs/ANNOTATOR.md, "The llama.cpp build and oni-sys doctor").
 """
 
 from __future__ import annotations

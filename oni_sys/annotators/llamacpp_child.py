@@ -1,16 +1,9 @@
-"""The child process of the ``llamacpp`` backend: one :class:`LlamaCppModel` serving questions.
+"""The child process of the ``llamacpp`` backend: one :class:`LlamaCppModel` answering questions.
 
 Run by :class:`~oni_sys.annotators.llamacpp_backend.LlamaCppBackend` as
-``python -m oni_sys.annotators.llamacpp_child --model <gguf> ...``. It speaks length-prefixed
-msgpack frames (4-byte big-endian length, then a msgpack map) over its stdin (requests) and
-stdout (answers); its stderr is free text (logs, llama.cpp warnings, a crash's Python stack).
-
-Frames from the child: first ``{"type": "hello", "model_id", "system_info", "load_s", "pid"}``
-or ``{"type": "error", "message"}`` (the model cannot be loaded; the child then exits with code 1),
-then one answer per request, in request order: ``{"id", "logprobs", "latency", "meta"}`` or
-``{"id", "error": "unparseable" | "fatal" | "backend", "message"}``.
-Requests: ``{"id", "op": "score" | "scratch", "prompt", "choices", "captions", "prefix_len",
-"one_batch"}``. The child exits with code 0 when its stdin closes.
+``python -m oni_sys.annotators.llamacpp_child --model <gguf> ...``; it reads requests from stdin
+and writes answers to stdout as length-prefixed msgpack frames (the frames: docs/ANNOTATOR.md,
+"The llamacpp backend").
 """
 
 from __future__ import annotations

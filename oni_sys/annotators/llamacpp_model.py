@@ -1,18 +1,8 @@
 """llama.cpp scoring in this process: the model that the ``llamacpp`` backend's child process runs.
 
-A question is scored by evaluating its prompt and reading the next-token logits at the **last
-position only** (no ``logits_all``: with Gemma's 262k-token vocabulary, logits for every prompt
-position cost ~0.5 s a question). Log-softmax over the full vocabulary gives each choice's
-log-probability; the caller renormalises over the choices.
-
-Prefix reuse: the tokens whose KV entries sit in the context are remembered, and a prompt that
-starts with the cached shared prefix (``Question.prefix_len`` characters, tokenised on its own so
-its tokens never depend on the caption) only evaluates its suffix. Trimming the KV cache back to
-the prefix costs nothing, unlike ``save_state``/``load_state``. Gemma 3 uses sliding-window
-attention, whose default cache drops entries older than the window, so the context is created
-with ``swa_full=True``: a trimmed cache is then exactly the cache of the prefix.
-
-Not thread-safe: one question at a time.
+A question's choices are scored from the next-token logits at the prompt's last position, and
+the prompt's shared prefix stays in the KV cache between questions (docs/ANNOTATOR.md, "The
+llamacpp backend"). Not thread-safe: one question at a time.
 """
 
 from __future__ import annotations
@@ -66,9 +56,10 @@ class LlamaCppModel:
         n_threads: CPU threads for llama.cpp.
         seed: llama.cpp seed (scoring is deterministic; kept for completeness).
 
-    Example:
-        >>> model = LlamaCppModel(embedded_gguf_path())  # doctest: +SKIP
-        >>> model.score_sync(build_classification("You kill the newt!", cfg)).probabilities()
+    Example::
+
+        model = LlamaCppModel(embedded_gguf_path())
+        model.score_sync(build_classification("You kill the newt!", cfg)).probabilities()
     """
 
     def __init__(
@@ -103,7 +94,9 @@ class LlamaCppModel:
                     n_threads=self.n_threads,
                     n_threads_batch=self.n_threads,
                     seed=self.seed,
-                    logits_all=False,
+                    logits_all=False,  # the last position only: every position costs ~0.5 s
+                    # a full sliding-window cache, so trimming it back to the prefix leaves
+                    # exactly the prefix's cache
                     swa_full=True,
                     verbose=False,
                 )

@@ -1,14 +1,8 @@
 """Caption normalisation: fewer, cleaner questions for the LLM.
 
-NetHack prints several messages on one line, separated by two spaces ("You kill the newt!  You
-see here a newt corpse."), and many messages differ only in a number ("$ - 3 gold pieces." /
-"$ - 12 gold pieces."). Asking about each sentence separately and combining the answers with
-:func:`combine_max`, and asking once per number template, both cut the number of distinct LLM
-questions. Everything here is a pure function of its arguments.
-
-Text inside double quotes (what the agent reads from engravings, scrolls, T-shirts: ``You read:
-"..."``) is never split: a quoted sentence must not become a question of its own, or an agent
-could earn a reward by writing a rewarded message into the dust.
+Pure functions that split a caption into sentences (never inside double quotes), turn its numbers
+into a template, and combine the sentences' answers (:func:`combine_max`); why: docs/ANNOTATOR.md,
+"Normalisation".
 """
 
 from __future__ import annotations

@@ -1,49 +1,11 @@
 """Prompt templates: ONI-style per-caption classification and Motif/ONI-style pairwise ranking.
 
-Both are few-shot *completion* prompts whose answer is one token, scored by its log-probability
-(never generated free text):
-
-- classification: "does this message show progress toward the goal?", choices
-  :data:`CLASSIFICATION_CHOICES` = ``(" Yes", " No")``, the positive answer first;
-- ranking: "which of two messages, A or B, shows more progress?", choices
-  :data:`RANKING_CHOICES` = ``(" A", " B")``, the first caption first.
-
-Every prompt is a *prefix* (instructions and worked examples, identical for every caption of one
-configuration) followed by a per-caption *suffix* starting with the line that holds the caption;
-:attr:`Question.prefix_len` marks the boundary so a backend can evaluate the prefix once and keep
-its KV cache (:func:`split_prefix`). The boundary sits between two tokens (the prefix ends with a
-blank line and the suffix starts with a word), so tokenising prefix and suffix separately gives
-the same tokens as the whole prompt (a test checks this with Gemma's tokenizer).
-
-Captions are data, never instructions: each one is shown as a JSON string literal (double quotes,
-with quotes, backslashes and control characters escaped), after its whitespace is collapsed, so
-no caption can close its quotes, start a new line or write its own "Progress: Yes"; text shaped
-like a tokenizer control token (``<start_of_turn>``) is defused; overlong captions are cut to
-:data:`MAX_CAPTION_CHARS`. The label is read only from the answer tokens' probabilities.
-
-Goals (``annotator.goal``): the presets ``score`` (ONI's default), ``zero_knowledge``, ``combat``,
-``gold`` and ``stairs``, or free text saying what counts as progress. The worked examples are
-labelled per preset; ``zero_knowledge`` and free-text goals get none (examples would carry our
-knowledge of the game, or labels meant for another goal), so ``few_shot`` only applies to the
-other presets. With the embedded 270M model the examples matter a lot (benchmarks/agreement.py).
-
-Template files (``annotator.prompt: path/to/template.txt``): plain text with placeholders in
-``str.format`` syntax (write literal braces as ``{{`` and ``}}``):
-
-- ``{goal}``: the goal description;
-- ``{examples}``: the built-in worked examples for the goal, in the built-in format, each ending
-  with a blank line (empty when ``few_shot`` is off or the goal has none);
-- ``{caption}`` for a classification template, or ``{caption_a}`` and ``{caption_b}`` for a
-  ranking template: the quoted caption(s), quotes included.
-
-The cached prefix is everything before the line that holds the first caption placeholder (no
-prefix is cached if that is the first line). The template must end exactly where the answer
-token goes (no trailing whitespace: the choices carry their own leading space), and its kind
-fixes the choices (``" Yes"``/``" No"`` or ``" A"``/``" B"``).
-
-Ranking with the embedded 270M model is close to chance and strongly biased towards one letter
-(benchmarks/agreement.py); with it, prefer classification, or ask each pair in both orders and
-average. A larger model behind the ``openai`` backend is the way to use ranking.
+Both are few-shot *completion* prompts whose answer is one token, scored by its log-probability:
+classification asks "does this message show progress toward the goal?" (choices
+:data:`CLASSIFICATION_CHOICES`, the positive answer first), ranking "which of two messages, A or
+B, shows more progress?" (:data:`RANKING_CHOICES`, the first caption first). Captions are quoted
+as JSON strings; goals, worked examples, template files and the cached prefix:
+docs/ANNOTATOR.md, "Prompts" and "Labels".
 """
 
 from __future__ import annotations
@@ -364,17 +326,25 @@ def _render(tpl: _Template, cfg: PromptConfig, captions: dict[str, str]) -> tupl
 def build_classification(caption: str, cfg: PromptConfig) -> Question:
     """The question "does ``caption`` show progress toward the goal?" (choices Yes, No).
 
-    Example:
-        >>> q = build_classification("You kill the newt!", AnnotatorConfig())
-        >>> q.choices, q.captions
-        ((' Yes', ' No'), ('You kill the newt!',))
+    Example::
+
+        q = build_classification("You kill the newt!", AnnotatorConfig())
+        q.choices, q.captions  # ((" Yes", " No"), ("You kill the newt!",))
+        q.prompt[q.prefix_len :]  # the caption's own lines, after the shared prefix
     """
     prompt, prefix_len = _render(_template(cfg, "classification"), cfg, {"caption": caption})
     return Question(prompt, CLASSIFICATION_CHOICES, captions=(caption,), prefix_len=prefix_len)
 
 
 def build_ranking(caption_a: str, caption_b: str, cfg: PromptConfig) -> Question:
-    """The question "which of ``caption_a`` (A) and ``caption_b`` (B) shows more progress?"."""
+    """The question "which of ``caption_a`` (A) and ``caption_b`` (B) shows more progress?"
+    (choices A, B).
+
+    Example::
+
+        q = build_ranking("You kill the newt!", "It's a wall.", AnnotatorConfig(prompt="ranking"))
+        p_a, p_b = (await backend.score(q)).probabilities()  # p_a: P(the newt shows more)
+    """
     prompt, prefix_len = _render(
         _template(cfg, "ranking"), cfg, {"caption_a": caption_a, "caption_b": caption_b}
     )

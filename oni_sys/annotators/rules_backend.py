@@ -1,15 +1,5 @@
-"""The ``rules`` backend: labels from regular expressions, no LLM (ablations and deterministic tests).
-
-Configured as ``annotator.rules: [{pattern: <regex>, label: 0|1}, ...]``: the first rule whose
-pattern matches the caption anywhere (``re.search``; write ``(?i)`` for case-insensitive) gives
-the label, and a caption no rule matches is labelled 0. It reads the raw caption(s) that
-:mod:`oni_sys.annotators.prompts` stores in :attr:`Question.captions`, never the prompt, so a
-caption cannot steer its label through prompt text.
-
-- classification (one caption, choices positive first such as ``(" Yes", " No")``): the chosen
-  answer gets log-probability 0 and the other ``-inf``;
-- ranking (two captions, choices ``(" A", " B")``): the caption with the higher rule label is
-  preferred; equal labels give each answer probability 1/2.
+"""The ``rules`` backend: labels from regular expressions, no LLM (for ablations and deterministic
+tests); how rules match and answer: docs/ANNOTATOR.md, "The rules backend".
 """
 
 from __future__ import annotations
@@ -29,7 +19,15 @@ logger = logging.getLogger(__name__)
 
 
 class RulesBackend:
-    """Deterministic labels from ``[{pattern, label}]`` rules (Backend protocol)."""
+    """Deterministic labels from ``[{pattern, label}]`` rules (Backend protocol).
+
+    Example::
+
+        backend = RulesBackend([{"pattern": "(?i)kill|gold", "label": 1}])
+        backend.label("You kill the newt!")  # 1
+        scores = await backend.score(build_classification("It's a wall.", cfg))
+        scores.probabilities()  # [0.0, 1.0]
+    """
 
     def __init__(self, rules: Sequence[Mapping[str, Any]]) -> None:
         compiled: list[tuple[re.Pattern[str], int]] = []

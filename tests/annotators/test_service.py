@@ -279,7 +279,7 @@ def test_llm_server_killed_and_restarted(tmp_path, llamacpp_server):
 def test_ranking_compares_each_new_caption_even_when_it_is_rare(tmp_path):
     """The rare caption that carries the signal (a kill among walls and sounds) must be compared:
     each new caption's comparisons are against it, not two captions drawn by frequency."""
-    from oni_sys.annotators.service import PAIRS_PER_CAPTION
+    from oni_sys.annotators.pair_queue import PAIRS_PER_CAPTION
 
     store = tmp_path / "l.sqlite"
     service = AnnotationService(_cfg(prompt="ranking"), store)

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from oni_sys.annotators import vllm_backend
+from oni_sys.annotators.backend_factory import make_backend
 from oni_sys.annotators.base import Question
-from oni_sys.annotators.service import make_backend
 from oni_sys.annotators.vllm_backend import VLLMBackend, VLLMProcess
 from oni_sys.config import load_config
 
@@ -251,7 +251,7 @@ REFUSE_WITHOUT_RAY = textwrap.dedent(
 
     sys.meta_path.insert(0, BlockRay())
     from oni_sys.annotators import vllm_backend
-    from oni_sys.annotators.service import make_backend
+    from oni_sys.annotators.backend_factory import make_backend
     from oni_sys.config import load_config
 
     cfg = load_config(None, ["annotator.backend=vllm", "annotator.model=some/model"]).annotator
