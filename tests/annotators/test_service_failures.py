@@ -93,7 +93,7 @@ def test_an_outage_is_visible_logged_once_each_way_and_loses_nothing(tmp_path, c
     service = AnnotationService(_cfg(), tmp_path / "l.sqlite", backend=backend)
     service.preflight(10)
     assert service.metrics()["annotator_up"] == 1.0
-    caplog.set_level(logging.INFO, logger="oni_sys.annotators.service")
+    caplog.set_level(logging.INFO, logger="oni_sys.annotators")
     caplog.clear()
     backend.down.set()
     texts = _texts(*(f"You kill the newt number {i}!" for i in range(6)))
