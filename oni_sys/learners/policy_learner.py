@@ -159,7 +159,7 @@ class PolicyLearner:
         keep, stats = self._admit(fragments)
         if not keep:
             return stats
-        # r = c_ext * r_ext + c_int * r_int(caption) / N(caption)^beta (docs/ALGORITHM.md §1)
+        # r = c_ext * r_ext + c_int * r_int(caption) / N(caption)^beta (docs/ALGORITHM.md §2)
         rewards = self._shaped_rewards(keep, stats)
         arrays = concat_fragments(keep)
         self._look_for_signal(rewards, arrays["terminated"])
