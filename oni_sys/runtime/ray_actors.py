@@ -28,8 +28,8 @@ from oni_sys.contracts import Fragment, FragmentSummary, WeightsPacket
 from oni_sys.learners.policy_learner import PolicyLearner
 from oni_sys.runtime.actor_manager import ActorManager
 
-if TYPE_CHECKING:
-    from oni_sys.runtime.ray_runtime import RayRuntime
+if TYPE_CHECKING:  # the driver's base class: ray_runtime.py imports this module
+    from oni_sys.runtime.base import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ class RewardLearnerActor:
 class RemoteRewardLearner:
     """The driver's handle on the reward-learner actor (metrics fetched without waiting)."""
 
-    def __init__(self, runtime: RayRuntime):
+    def __init__(self, runtime: Runtime):
         import ray
 
         cfg = runtime.cfg
