@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from oni_sys.actors.env_runner import EnvRunner
 from oni_sys.config import ConfigError, config_from_dict, parse_overrides
-from oni_sys.envs.spec import build_slot_env
-from oni_sys.models.policy import Policy, interface_of, stack_obs
 from oni_sys.runtime.run_dir import load_checkpoint
 
 EVAL_KEYS = {"episodes": int, "deterministic": bool, "seed": int, "max_steps": int}
@@ -40,9 +39,9 @@ def _eval_options(overrides: list[str]) -> dict[str, Any]:
     return opts
 
 
-@torch.no_grad()
 def evaluate(run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Play ``episodes`` episodes with the latest checkpoint of ``run_dir``.
+    """Play ``episodes`` episodes with the latest checkpoint of ``run_dir``, through the env
+    runner's own loop (:meth:`EnvRunner.play`) on one env of the run's config.
 
     Options (``key=value``): ``episodes`` (10), ``deterministic`` (false: sample actions as in
     training; true: take the most likely action), ``seed``, ``max_steps`` per episode.
@@ -59,64 +58,27 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any
         )
     ckpt = load_checkpoint(run_dir)
     cfg = config_from_dict(ckpt["config"])
-    env = build_slot_env(cfg.env)
-    decisions = env.reset(seed=opts["seed"])
-    policy = Policy(cfg.model, cfg.env.id, interface_of(env, decisions, cfg.model))
-    policy.load_weights(ckpt["learner"]["state"]["model"])
-    policy.net.eval()
-    generator = torch.Generator().manual_seed(opts["seed"])
-    names = policy.interface.slot_names
-    returns, lengths, extras = [], [], {}
-    agent_returns: dict[str, list[float]] = {}
-    for episode in range(opts["episodes"]):
-        if episode:
-            decisions = env.reset(seed=opts["seed"] + episode)
-        state = policy.initial_state(len(names))
-        first = np.ones(len(names), dtype=bool)
-        totals = np.zeros(len(names))
-        acted, finished = set(), set()
-        last_info: dict[int, dict] = {}
-        steps = 0
-        # One episode of every agent; a SlotEnv resets itself at the end, so stop there.
-        while steps < opts["max_steps"] and (not acted or acted - finished):
-            slots = sorted(s for s in decisions if s not in finished)
-            if not slots:
-                break
-            obs = stack_obs([policy.model_obs(*decisions[s], s) for s in slots])
-            idx = torch.as_tensor(slots)
-            actions, _, state_out = policy.act(
-                obs, state[idx], first[slots], generator, opts["deterministic"]
-            )
-            state[idx], first[slots] = state_out, False
-            acted.update(slots)
-            outcomes, decisions = env.step(
-                {s: policy.to_env(a) for s, a in zip(slots, actions, strict=True)}
-            )
-            steps += 1
-            for out in outcomes:
-                totals[out.slot] += out.reward
-                last_info[out.slot] = out.info
-                if out.terminated or out.truncated:
-                    finished.add(out.slot)
-        # An episode cut by max_steps reports its extras (e.g. NetHack's score) as they stand.
-        for s in sorted(acted):
-            for key, value in last_info.get(s, {}).get("episode_extras", {}).items():
-                extras.setdefault(key, []).append(float(value))
-        for s in sorted(acted):
-            returns.append(float(totals[s]))
-            if len(names) > 1:
-                agent_returns.setdefault(names[s], []).append(float(totals[s]))
-        lengths.append(steps)
-    env.close()
+    cfg = dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, num_envs=1))
+    runner = EnvRunner(cfg)
+    try:
+        runner.set_weights(ckpt["learner"]["state"]["model"], ckpt["learner"]["state"]["version"])
+        played = runner.play(
+            opts["episodes"], opts["seed"], opts["deterministic"], opts["max_steps"]
+        )
+    finally:
+        runner.close()
+    returns = [e["return"] for e in played]
     stats: dict[str, Any] = {
         "checkpoint_env_steps": ckpt["tracker"]["env_steps"],
-        "episodes": len(lengths),
+        "episodes": opts["episodes"],
         "episode_return_mean": float(np.mean(returns)),
         "episode_return_std": float(np.std(returns)),
         "episode_return_min": float(np.min(returns)),
         "episode_return_max": float(np.max(returns)),
-        "episode_length_mean": float(np.mean(lengths)),
+        "episode_length_mean": float(np.mean([e["length"] for e in played])),
     }
-    stats.update({f"{k}_mean": float(np.mean(v)) for k, v in extras.items()})
-    stats.update({f"agent_return/{k}_mean": float(np.mean(v)) for k, v in agent_returns.items()})
+    # The env's extras (e.g. NetHack's score) and, with several agents, each agent's return.
+    extra_keys = sorted({k for e in played for k in e} - {"return", "length"})
+    for key in extra_keys:
+        stats[f"{key}_mean"] = float(np.mean([e[key] for e in played if key in e]))
     return stats

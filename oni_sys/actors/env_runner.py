@@ -159,6 +159,7 @@ class EnvRunner:
         self._caption_cache: dict[str, int] = {}
         self._new_captions: dict[int, str] = {}
         self._episodes: list[dict[str, float]] = []
+        self.evaluating = False  # set by play(): no fragments after that
 
     def _add_decisions(self, env_index: int, decisions) -> None:
         base = env_index * self.slots_per_env
@@ -195,34 +196,42 @@ class EnvRunner:
         waiting = b.count <= T  # no record T yet: the next observation must be pending
         return all(s in self.pending for s in np.flatnonzero(waiting))
 
-    def _step_once(self) -> None:
-        """Act for every pending decision, step the envs, and record what came back."""
+    def _step_once(
+        self, only: list[int] | None = None, record: bool = True, deterministic: bool = False
+    ) -> None:
+        """Act for every pending decision (or the pending slots in ``only``), step the envs,
+        and record what came back (``record=False``, for :meth:`play`: only the episode
+        statistics are kept)."""
         b = self.buffers
-        slots = np.fromiter(sorted(self.pending), dtype=np.int64)
+        slots = np.fromiter(sorted(self.pending) if only is None else only, dtype=np.int64)
         slots_t = torch.from_numpy(slots)
-        rows = b.count[slots]
-        b.ensure_row(int(rows.max()))
-        a = b.arrays
         obs = stack_obs([self.pending.pop(int(s)) for s in slots])
         first = self.next_first[slots]
         state_in = self.state[slots_t]
-        actions, logp, state_out = self.policy.act(obs, state_in, first, self.generator)
-        for k, v in obs.items():
-            a["obs"][k][rows, slots] = v
-        a["first"][rows, slots] = first
-        a["actions"][rows, slots] = actions
-        a["logp"][rows, slots] = logp
-        a["version"][rows, slots] = self.policy_version
-        # Rows are reused fragment after fragment: clear what only some outcomes write.
-        a["cap_ids"][rows, slots] = 0
-        a["cap_counts"][rows, slots] = 0
-        a["boot"][rows, slots] = 0.0
-        if self.policy.state_size:
-            a["state"][rows, slots] = state_in.numpy()
+        actions, logp, state_out = self.policy.act(
+            obs, state_in, first, self.generator, deterministic
+        )
+        a = b.arrays
+        if record:
+            rows = b.count[slots]
+            b.ensure_row(int(rows.max()))
+            a = b.arrays
+            for k, v in obs.items():
+                a["obs"][k][rows, slots] = v
+            a["first"][rows, slots] = first
+            a["actions"][rows, slots] = actions
+            a["logp"][rows, slots] = logp
+            a["version"][rows, slots] = self.policy_version
+            # Rows are reused fragment after fragment: clear what only some outcomes write.
+            a["cap_ids"][rows, slots] = 0
+            a["cap_counts"][rows, slots] = 0
+            a["boot"][rows, slots] = 0.0
+            if self.policy.state_size:
+                a["state"][rows, slots] = state_in.numpy()
+            b.count[slots] += 1
+            b.open[slots] = True
         self.state[slots_t] = state_out
         self.next_first[slots] = False
-        b.count[slots] += 1
-        b.open[slots] = True
 
         per_env: dict[int, dict[int, Any]] = {}
         S = self.slots_per_env
@@ -233,6 +242,13 @@ class EnvRunner:
             outcomes, decisions = self.envs[e].step(env_actions)
             for out in outcomes:
                 g = e * S + out.slot
+                self.episode_return[g] += out.reward
+                self.episode_length[g] += 1
+                if not record:
+                    self.last_info[g] = out.info
+                    if out.terminated or out.truncated:
+                        self._end_episode(g, out.info)
+                    continue
                 row = int(b.count[g]) - 1
                 a["rewards"][row, g] = out.reward
                 a["terminated"][row, g] = out.terminated
@@ -246,8 +262,6 @@ class EnvRunner:
                     if cid not in self.sent_captions:
                         self.sent_captions.add(cid)
                         self._new_captions[cid] = normalise_caption(text)
-                self.episode_return[g] += out.reward
-                self.episode_length[g] += 1
                 if out.terminated or out.truncated:
                     self._end_episode(g, out.info)
                     if out.truncated:
@@ -276,6 +290,8 @@ class EnvRunner:
 
     def sample(self) -> Fragment:
         """Step until every slot has ``algo.rollout`` steps; return them as one fragment."""
+        if self.evaluating:
+            raise RuntimeError("this env runner has played evaluation episodes; build another")
         start = time.perf_counter()
         T = self.cfg.algo.rollout
         while not self._ready(T):
@@ -329,6 +345,54 @@ class EnvRunner:
             episodes=episodes,
             sample_time=time.perf_counter() - start,
         )
+
+    def play(
+        self, episodes: int, seed: int, deterministic: bool = False, max_steps: int = 100_000
+    ) -> list[dict[str, float]]:
+        """Evaluation: play ``episodes`` episodes of the first env, one after another, reset with
+        ``seed``, ``seed + 1``, ... and acting as :meth:`sample` does (``deterministic`` takes
+        the most likely action), but recording nothing and sending no captions. A runner that
+        has played samples no more fragments.
+
+        An episode is every agent's game: it ends when each agent that acted has finished, or
+        after ``max_steps`` steps of the env (its unfinished agents are then reported as they
+        stand). Returns one statistics dict per agent and episode, as training logs them:
+        ``return``, ``length``, the env's ``episode_extras`` and, with several agents,
+        ``agent_return/<name>``.
+
+        Example::
+
+            runner = EnvRunner(load_config("configs/cartpole.yaml", ["env.num_envs=1"]))
+            runner.set_weights(weights, version)
+            episodes = runner.play(10, seed=12345, deterministic=True)
+        """
+        env, S = self.envs[0], self.slots_per_env
+        self.evaluating = True  # the fragment buffers no longer match the envs
+        self.generator = torch.Generator().manual_seed(seed)
+        self._episodes = []
+        for episode in range(episodes):
+            self.last_info: dict[int, dict] = {}
+            self.pending = {}
+            self._add_decisions(0, env.reset(seed=seed + episode))
+            self.state = self.policy.initial_state(self.num_slots)
+            self.next_first[:] = True
+            self.episode_return[:S], self.episode_length[:S] = 0.0, 0
+            acted: set[int] = set()
+            finished: set[int] = set()
+            for _ in range(max_steps):
+                # A finished agent's env starts its next game at once: leave that one alone.
+                slots = sorted(s for s in self.pending if s < S and s not in finished)
+                if not slots:
+                    break
+                self._step_once(slots, record=False, deterministic=deterministic)
+                acted.update(slots)
+                finished.update(g for g in acted if self.next_first[g])  # episode ended
+                if not acted - finished:
+                    break
+            for g in sorted(acted - finished):
+                self._end_episode(g, self.last_info.get(g, {}))
+        played, self._episodes = self._episodes, []
+        return played
 
     def close(self) -> None:
         """Close every environment."""

@@ -37,6 +37,7 @@ class Runtime:
         self.interrupted = False
         self.annotator = None
         self.reward_learner = None
+        self.reward_snapshot_version: float | None = None  # the learner's, at its last update
 
     def setup(self) -> None:
         """Create the run directory and the roles; restore the latest checkpoint on resume.
@@ -216,6 +217,70 @@ class Runtime:
             self.save_checkpoint()
         self.check_annotator()
 
+    def _train_loop(self) -> None:
+        """The driver's schedule, one for both runtimes (sample-factory's):
+
+        - every env runner has one ``sample`` call outstanding; each fragment's summary is
+          counted and its new captions go to the annotator (:meth:`_on_fragment`);
+        - every ``algo.fragments_per_batch`` fragments make one ``learn`` call, with at most
+          :meth:`_batches_in_flight` of them queued at the learner;
+        - after each update the runtime's helpers take their turn (:meth:`_after_learn`), the
+          row is logged and checkpoints written (:meth:`_after_update`), and every
+          :meth:`_broadcast_every` updates the runners get the new weights;
+        - the budget ends the run after the batch in progress; Ctrl-C at once; the queued
+          ``learn`` calls are always finished.
+
+        Where and when a call runs is the runtime's (:meth:`_sample`, :meth:`_learn`,
+        :meth:`_wait`, :meth:`_get`): as Ray tasks, or in this process when the loop first
+        needs the result (serial: a fixed order, and runners always act with the latest weights).
+        """
+        per_batch = self.cfg.algo.fragments_per_batch
+        sampling: dict[Any, tuple[int, Any]] = {}  # summary handle -> (runner, fragment handle)
+        learning: list[Any] = []
+        ready: list[Any] = []
+
+        def request(index: int) -> None:
+            fragment, summary = self._sample(index)
+            sampling[summary] = (index, fragment)
+
+        for i in range(self._num_runners()):
+            request(i)
+        since_broadcast = 0
+        while True:
+            stopping = self.stop_requested() or (self.tracker.finished() and not ready)
+            if learning and (stopping or len(learning) >= self._batches_in_flight()):
+                done = self._wait(learning)
+                learning.remove(done)
+                stats = self._get(done)
+                self.reward_snapshot_version = stats.get("reward_snapshot_version")
+                self._after_learn()
+                self._after_update(stats)
+                since_broadcast += 1
+                if since_broadcast >= self._broadcast_every():
+                    since_broadcast = 0
+                    self._publish_weights()
+                continue
+            if stopping:
+                break
+            done = self._wait(list(sampling), timeout=1.0)
+            if done is None:
+                continue  # look at the stop flag again
+            index, fragment = sampling.pop(done)
+            try:
+                summary = self._get(done)
+            except Exception as exc:
+                if not self._runner_lost(index, exc):
+                    raise
+                request(index)  # to its replacement
+                continue
+            request(index)
+            self._on_fragment(summary)
+            ready.append(fragment)
+            if len(ready) >= per_batch:
+                learning.append(self._learn(ready))
+                ready = []
+        self._cancel(list(sampling))  # runners still sampling: their fragments are not needed
+
     # -- implemented by each runtime -----------------------------------------------------------
     def _connect(self) -> None:
         """Start or join what the roles run on (nothing for the serial runtime)."""
@@ -223,8 +288,45 @@ class Runtime:
     def _start_roles(self) -> None:
         raise NotImplementedError
 
-    def _train_loop(self) -> None:
+    def _num_runners(self) -> int:
         raise NotImplementedError
+
+    def _sample(self, index: int) -> tuple[Any, Any]:
+        """Ask runner ``index`` for a fragment: handles of the fragment and of its summary."""
+        raise NotImplementedError
+
+    def _learn(self, fragments: list[Any]) -> Any:
+        """Ask the learner to learn from these fragment handles: a handle of its stats."""
+        raise NotImplementedError
+
+    def _wait(self, handles: list[Any], timeout: float | None = None) -> Any:
+        """One of ``handles`` whose result is ready (None after ``timeout`` seconds)."""
+        raise NotImplementedError
+
+    def _get(self, handle: Any) -> Any:
+        """The result behind a handle (raises what the call raised)."""
+        raise NotImplementedError
+
+    def _runner_lost(self, index: int, exc: Exception) -> bool:
+        """Whether ``exc`` means runner ``index`` died; if so it has been replaced."""
+        return False
+
+    def _cancel(self, handles: list[Any]) -> None:
+        """Drop calls whose results are no longer needed."""
+
+    def _batches_in_flight(self) -> int:
+        """Learn calls queued at the learner at most."""
+        return 1
+
+    def _broadcast_every(self) -> int:
+        """Updates between two weight broadcasts."""
+        return 1
+
+    def _publish_weights(self) -> None:
+        raise NotImplementedError
+
+    def _after_learn(self) -> None:
+        """Called after each update, before its row and checkpoint."""
 
     def _learner_state(self) -> dict[str, Any]:
         raise NotImplementedError

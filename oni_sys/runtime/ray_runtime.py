@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 class RayRuntime(Runtime):
     """Env runners and the learner as Ray actors, coordinated by this driver."""
 
-    reward_snapshot_version: float | None = None
     _table_ref: Any = None
     _table: dict[str, Any] | None = None
 
@@ -99,58 +98,51 @@ class RayRuntime(Runtime):
         runner.load_packet.remote(self.weights)
         return runner
 
-    def _train_loop(self) -> None:
+    # -- placement: every call is a Ray task ----------------------------------------------------
+    def _num_runners(self) -> int:
+        return len(self.runners)
+
+    def _sample(self, index: int) -> tuple[Any, Any]:
+        return tuple(self.runners.call(index, "sample_with_summary", num_returns=2))
+
+    def _learn(self, fragments: list[Any]) -> Any:
+        return self.learner.learn_many.remote(*fragments)
+
+    def _wait(self, handles: list[Any], timeout: float | None = None) -> Any:
         import ray
+
+        done, _ = ray.wait(handles, num_returns=1, timeout=timeout)
+        return done[0] if done else None
+
+    def _get(self, handle: Any) -> Any:
+        import ray
+
+        return ray.get(handle)
+
+    def _runner_lost(self, index: int, exc: Exception) -> bool:
         from ray.exceptions import RayActorError
 
-        rt = self.cfg.runtime
-        per_batch = self.cfg.algo.fragments_per_batch
-        max_batches = max(1, rt.max_fragments_in_flight // per_batch)
-        sampling: dict[Any, tuple[int, Any]] = {}  # summary ref -> (runner index, fragment ref)
-        learning: list[Any] = []
-        ready_fragments: list[Any] = []
+        if not isinstance(exc, RayActorError):
+            return False
+        self.runners.replace(index, exc)
+        self.tracker.runner_restarts = self.runners.restarts
+        return True
 
-        def request(index: int) -> None:
-            frag_ref, summary_ref = self.runners.call(index, "sample_with_summary", num_returns=2)
-            sampling[summary_ref] = (index, frag_ref)
+    def _cancel(self, handles: list[Any]) -> None:
+        import ray
 
-        for i in range(len(self.runners)):
-            request(i)
-        updates_since_broadcast = 0
-        while (not self.tracker.finished() and not self.stop_requested()) or learning:
-            stopping = self.tracker.finished() or self.stop_requested()
-            if learning and (len(learning) >= max_batches or stopping):
-                done, learning = ray.wait(learning, num_returns=1)
-                stats = ray.get(done[0])
-                self.reward_snapshot_version = stats.get("reward_snapshot_version")
-                self._after_update(stats)
-                updates_since_broadcast += 1
-                if updates_since_broadcast >= rt.broadcast_every:
-                    updates_since_broadcast = 0
-                    self.weights = self.learner.weights_packet.remote()
-                    self.runners.broadcast("load_packet", self.weights)
-                continue
-            if stopping:
-                continue
-            done, _ = ray.wait(list(sampling), num_returns=1, timeout=1.0)
-            if not done:
-                continue  # look at the stop flag again
-            index, frag_ref = sampling.pop(done[0])
-            try:
-                summary = ray.get(done[0])
-            except RayActorError as exc:
-                self.runners.replace(index, exc)
-                self.tracker.runner_restarts = self.runners.restarts
-                request(index)
-                continue
-            request(index)
-            self._on_fragment(summary)
-            ready_fragments.append(frag_ref)
-            if len(ready_fragments) >= per_batch:
-                learning.append(self.learner.learn_many.remote(*ready_fragments))
-                ready_fragments = []
-        for ref in sampling:  # runners still sampling: their fragments are not needed
+        for ref in handles:
             ray.cancel(ref, force=False)
+
+    def _batches_in_flight(self) -> int:
+        return max(1, self.cfg.runtime.max_fragments_in_flight // self.cfg.algo.fragments_per_batch)
+
+    def _broadcast_every(self) -> int:
+        return self.cfg.runtime.broadcast_every
+
+    def _publish_weights(self) -> None:
+        self.weights = self.learner.weights_packet.remote()
+        self.runners.broadcast("load_packet", self.weights)
 
     def _start_annotator(self) -> RemoteAnnotator:
         def forget(ids: list[int]) -> None:

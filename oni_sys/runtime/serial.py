@@ -22,6 +22,7 @@ gated and not waited for (only its own ``annotator_*`` metrics depend on its spe
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from oni_sys.actors.env_runner import EnvRunner
@@ -43,20 +44,31 @@ class SerialRuntime(Runtime):
             self.learner.load_state_dict(self.checkpoint["learner"]["state"])
         self.runner.set_weights(self.learner.get_weights(), self.learner.version)
 
-    def _train_loop(self) -> None:
-        per_batch = self.cfg.algo.fragments_per_batch
-        while not self.tracker.finished() and not self.stop_requested():
-            fragments = []
-            for _ in range(per_batch):
-                fragment = self.runner.sample()
-                self._on_fragment(fragment.summary())
-                fragments.append(fragment)
-            stats = self.learner.learn(fragments)
-            self.runner.set_weights(self.learner.get_weights(), self.learner.version)
-            self._answer_all()
-            if self.reward_learner is not None:
-                self.reward_learner.round()
-            self._after_update(stats)
+    # -- placement: every call runs here, when the driver's loop first needs its result -------
+    def _num_runners(self) -> int:
+        return 1
+
+    def _sample(self, index: int) -> tuple[_Deferred, _Deferred]:
+        fragment = _Deferred(self.runner.sample)
+        return fragment, _Deferred(lambda: fragment.result().summary())
+
+    def _learn(self, fragments: list[_Deferred]) -> _Deferred:
+        return _Deferred(lambda: self.learner.learn([f.result() for f in fragments]))
+
+    def _wait(self, handles: list[_Deferred], timeout: float | None = None) -> _Deferred:
+        return handles[0]  # the oldest call: the loop's order is the order of the calls
+
+    def _get(self, handle: _Deferred) -> Any:
+        return handle.result()
+
+    def _publish_weights(self) -> None:
+        self.runner.set_weights(self.learner.get_weights(), self.learner.version)
+
+    def _after_learn(self) -> None:
+        """The annotator answers, then the reward learner trains: in this order, every update."""
+        self._answer_all()
+        if self.reward_learner is not None:
+            self.reward_learner.round()
 
     def _answer_all(self) -> None:
         """Let the annotator answer everything submitted so far (bounded; see the module doc)."""
@@ -86,6 +98,24 @@ class SerialRuntime(Runtime):
     def _stop_roles(self) -> None:
         if getattr(self, "runner", None) is not None:
             self.runner.close()
+
+
+class _Deferred:
+    """A call not made yet: the serial runtime's stand-in for a Ray object reference. It runs
+    when its result is first asked for, so a sample asked for before an update runs after it,
+    with the new weights (policy lag 0)."""
+
+    _UNSET = object()
+
+    def __init__(self, call: Callable[[], Any]):
+        self._call = call
+        self._value: Any = self._UNSET
+
+    def result(self) -> Any:
+        """Run the call (once) and return what it returned."""
+        if self._value is self._UNSET:
+            self._value = self._call()
+        return self._value
 
 
 class LocalRewardLearner:
