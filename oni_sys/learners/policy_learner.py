@@ -196,6 +196,7 @@ class PolicyLearner:
                     c_bar=algo.c_bar,
                     normalize_advantages=normalize,
                     advantage_std_floor=algo.advantage_std_floor,
+                    ratio_bound=algo.ratio_bound,
                 )
                 grad_norm = self._step(out.loss)
                 for name in _LOSS_STATS:
