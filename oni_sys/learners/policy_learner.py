@@ -25,6 +25,18 @@ def pick_device(kind: str) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_copy(value: Any) -> Any:
+    """A copy of ``value`` (nested dicts, lists and tuples) with every tensor detached and on the
+    CPU; other values are returned as they are. The live tensors are left where they are."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
+
+
 def concat_fragments(fragments: list[Fragment]) -> dict[str, Any]:
     """Join fragments along the env axis into one batch of numpy arrays."""
     out: dict[str, Any] = {
@@ -84,10 +96,14 @@ class PolicyLearner:
         return self.policy.get_weights()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue training: model, optimizer, counters, RNG."""
+        """Everything needed to continue training: model, optimizer, counters, RNG.
+
+        Every tensor is a CPU copy (Adam's moments and ``step`` too), whatever the learner's
+        device, so a checkpoint loads on a machine without the device it was trained on.
+        """
         return {
             "model": self.get_weights(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": cpu_copy(self.optimizer.state_dict()),
             "version": self.version,
             "env_steps_trained": self.env_steps_trained,
             "fragments_dropped": self.fragments_dropped,
@@ -98,9 +114,14 @@ class PolicyLearner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
-        self.policy.load_weights(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore what :meth:`state_dict` saved, from tensors on any device (a checkpoint is
+        loaded onto the CPU first): weights and Adam's moments go to the learner's device."""
+        self.policy.load_weights(state["model"])  # copied into the parameters on self.device
+        # A private copy first: torch moves each moment to its parameter's device but keeps a
+        # tensor already there as it is, so the live optimizer would share (and update in
+        # place) the caller's tensors. Adam's ``step`` stays on the CPU, where a non-fused,
+        # non-capturable Adam keeps it.
+        self.optimizer.load_state_dict(cpu_copy(state["optimizer"]))
         self.version = int(state["version"])
         self.env_steps_trained = int(state["env_steps_trained"])
         self.fragments_dropped = int(state["fragments_dropped"])
