@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +16,7 @@ from oni_sys.envs.captions import caption_id
 from oni_sys.evaluate import evaluate
 from oni_sys.learners.policy_learner import PolicyLearner, cpu_copy
 from oni_sys.learners.reward_learner import RewardLearner
-from oni_sys.runtime.run_dir import RunDirectory, load_checkpoint
+from oni_sys.runtime.run_dir import RunDirectory, load_checkpoint, read_metrics
 from oni_sys.runtime.tracker import Tracker
 
 
@@ -280,6 +283,64 @@ def test_checkpoint_round_trip_continues_identically(tmp_path):
     )
 
 
+# -- a non-finite loss skips the optimizer step --------------------------------------------------
+def _with_nan_reward(fragment):
+    rewards = fragment.rewards.copy()
+    rewards[3, 1] = np.nan
+    return dataclasses.replace(fragment, rewards=rewards)
+
+
+def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path, caplog):
+    cfg = load_config(
+        "configs/cartpole.yaml",
+        ["algo.rollout=16", "env.num_envs=4", "algo.num_epochs=1", "algo.num_minibatches=1"],
+    )
+    runner, learner = _trained(cfg, updates=1)
+    weights, adam = learner.get_weights(), _optimizer_cpu(learner)
+    run_dir = RunDirectory(tmp_path, cfg)
+    tracker = Tracker(cfg, run_dir)
+    log = "oni_sys.learners.policy_learner"
+
+    with caplog.at_level(logging.INFO, logger=log):
+        stats = learner.learn([_with_nan_reward(runner.sample())])
+        assert stats["trained"] == 1 and stats["nonfinite_updates_skipped"] == 1
+        assert learner.nonfinite_updates_skipped == 1
+        _assert_equal_state(learner.get_weights(), weights)
+        _assert_equal_state(_optimizer_cpu(learner)["state"], adam["state"])  # lr anneals
+        tracker.on_update(stats)
+        runner.set_weights(learner.get_weights(), learner.version)
+        stats = learner.learn([_with_nan_reward(runner.sample())])  # still failing: no new line
+        assert learner.nonfinite_updates_skipped == 2
+        tracker.on_update(stats)
+        runner.set_weights(learner.get_weights(), learner.version)
+        stats = learner.learn([runner.sample()])
+        tracker.on_update(stats)
+    assert learner.nonfinite_updates_skipped == 2 and np.isfinite(stats["loss"])
+    changed = learner.get_weights()
+    assert any(not torch.equal(changed[k], weights[k]) for k in weights)
+    lines = [
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.name == log and "finite" in r.getMessage()
+    ]
+    assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
+    assert "non-finite loss" in lines[0][1] and "finite again" in lines[1][1]
+
+    # The metrics row carries the run's count, and the count survives a checkpoint.
+    row = tracker.log_row()
+    run_dir.close()
+    assert row["nonfinite_updates_skipped"] == 2
+    assert read_metrics(run_dir.metrics_path)[-1]["nonfinite_updates_skipped"] == 2
+    resumed = PolicyLearner(cfg, runner.interface)
+    resumed.load_state_dict(learner.state_dict())
+    assert resumed.nonfinite_updates_skipped == 2
+    old = learner.state_dict()
+    del old["nonfinite_updates_skipped"]  # a checkpoint from before the counter
+    resumed.load_state_dict(old)
+    assert resumed.nonfinite_updates_skipped == 0
+    runner.close()
+
+
 # -- CUDA (skipped, loudly, on machines without one) ---------------------------------------------
 @pytest.mark.gpu
 def test_cuda_checkpoint_evaluates_on_cpu_and_resumes_on_cuda(tmp_path):
@@ -323,7 +384,7 @@ def test_cuda_checkpoint_evaluates_on_cpu_and_resumes_on_cuda(tmp_path):
     before = resumed.get_weights()
     stats = resumed.learn([runner.sample()])
     assert stats["trained"] == 1 and np.isfinite(stats["loss"])
-    assert resumed.version == learner.version + 1
+    assert resumed.version == learner.version + 1 and resumed.nonfinite_updates_skipped == 0
     after = resumed.get_weights()
     assert all(t.device.type == "cpu" for t in after.values())
     assert any(not torch.equal(after[k], before[k]) for k in before)
