@@ -86,6 +86,12 @@ class AlgoConfig:
     num_minibatches: int = _f(2, min=1, help="minibatches per epoch (split along envs)")
     fragments_per_batch: int = _f(1, min=1, help="fragments concatenated into one learner batch")
     clip_coef: float = _f(0.2, gt=0.0)
+    ratio_bound: float = _f(
+        20.0,
+        gt=1.0,
+        help="the surrogate's pi/mu is clamped to [1/ratio_bound, ratio_bound]; ratios beyond "
+        "are noise and give no gradient (docs/ALGORITHM.md)",
+    )
     vf_coef: float = _f(0.5, min=0.0)
     ent_coef: float = _f(0.01, min=0.0)
     max_grad_norm: float = _f(0.5, gt=0.0)

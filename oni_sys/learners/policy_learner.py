@@ -25,6 +25,18 @@ def pick_device(kind: str) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_copy(value: Any) -> Any:
+    """A copy of ``value`` (nested dicts, lists and tuples) with every tensor detached and on the
+    CPU; other values are returned as they are. The live tensors are left where they are."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
+
+
 def concat_fragments(fragments: list[Fragment]) -> dict[str, Any]:
     """Join fragments along the env axis into one batch of numpy arrays."""
     out: dict[str, Any] = {
@@ -71,6 +83,9 @@ class PolicyLearner:
         self.version = 0
         self.env_steps_trained = 0
         self.fragments_dropped = 0
+        #: optimizer steps (minibatches) skipped for a non-finite loss or gradient, over the run
+        self.nonfinite_updates_skipped = 0
+        self._skipping = False  # the last optimizer step was skipped (for the log lines)
         # Advantage normalisation waits for the first reward signal (docs/ALGORITHM.md §4).
         self.signal_seen = False
         self._first_reward: float | None = None
@@ -84,13 +99,18 @@ class PolicyLearner:
         return self.policy.get_weights()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue training: model, optimizer, counters, RNG."""
+        """Everything needed to continue training: model, optimizer, counters, RNG.
+
+        Every tensor is a CPU copy (Adam's moments and ``step`` too), whatever the learner's
+        device, so a checkpoint loads on a machine without the device it was trained on.
+        """
         return {
             "model": self.get_weights(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": cpu_copy(self.optimizer.state_dict()),
             "version": self.version,
             "env_steps_trained": self.env_steps_trained,
             "fragments_dropped": self.fragments_dropped,
+            "nonfinite_updates_skipped": self.nonfinite_updates_skipped,
             "signal_seen": self.signal_seen,
             "first_reward": self._first_reward,
             "torch_rng": torch.get_rng_state(),
@@ -98,12 +118,19 @@ class PolicyLearner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
-        self.policy.load_weights(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore what :meth:`state_dict` saved, from tensors on any device (a checkpoint is
+        loaded onto the CPU first): weights and Adam's moments go to the learner's device."""
+        self.policy.load_weights(state["model"])  # copied into the parameters on self.device
+        # A private copy first: torch moves each moment to its parameter's device but keeps a
+        # tensor already there as it is, so the live optimizer would share (and update in
+        # place) the caller's tensors. Adam's ``step`` stays on the CPU, where a non-fused,
+        # non-capturable Adam keeps it.
+        self.optimizer.load_state_dict(cpu_copy(state["optimizer"]))
         self.version = int(state["version"])
         self.env_steps_trained = int(state["env_steps_trained"])
         self.fragments_dropped = int(state["fragments_dropped"])
+        # Older checkpoints predate the counter.
+        self.nonfinite_updates_skipped = int(state.get("nonfinite_updates_skipped", 0))
         # A checkpoint from before the gate existed was trained with normalisation throughout.
         self.signal_seen = bool(state.get("signal_seen", True))
         self._first_reward = state.get("first_reward")
@@ -147,6 +174,8 @@ class PolicyLearner:
         """One update (``algo.num_epochs`` passes of minibatches) on a batch of fragments.
 
         Fragments acted with weights more than ``algo.max_policy_lag`` updates old are dropped.
+        A minibatch whose loss or gradient is not finite changes nothing and is counted in
+        ``nonfinite_updates_skipped`` (docs/ALGORITHM.md §4).
         Returns training statistics; ``trained`` is 0 when every fragment was dropped.
 
         Example::
@@ -196,8 +225,11 @@ class PolicyLearner:
                     c_bar=algo.c_bar,
                     normalize_advantages=normalize,
                     advantage_std_floor=algo.advantage_std_floor,
+                    ratio_bound=algo.ratio_bound,
                 )
                 grad_norm = self._step(out.loss)
+                if grad_norm is None:  # skipped: its NaN/inf would swamp the averages
+                    continue
                 for name in _LOSS_STATS:
                     sums[name] = sums.get(name, 0.0) + float(getattr(out, name).detach())
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
@@ -205,9 +237,12 @@ class PolicyLearner:
         self.policy.net.eval()
         self.version += 1
         self.env_steps_trained += T * n
-        stats.update({k: v / steps for k, v in sums.items()})
+        # Averages over the optimizer steps taken; NaN when every one of them was skipped.
+        for name in (*_LOSS_STATS, "grad_norm"):
+            stats[name] = sums.get(name, 0.0) / steps if steps else float("nan")
         stats.update(
             {
+                "nonfinite_updates_skipped": float(self.nonfinite_updates_skipped),
                 "trained": 1.0,
                 "lr": lr,
                 "learn_time": time.perf_counter() - start,
@@ -229,6 +264,7 @@ class PolicyLearner:
             "policy_lag_mean": float(np.mean(lags)),
             "policy_lag_max": float(np.max(lags)),
             "fragments_dropped": float(self.fragments_dropped),
+            "nonfinite_updates_skipped": float(self.nonfinite_updates_skipped),
             "trained": 0.0,
         }
         return keep, stats
@@ -275,15 +311,49 @@ class PolicyLearner:
         out["discounts"] = gamma * (~torch.as_tensor(done, device=dev)).float()
         return out
 
-    def _step(self, loss: torch.Tensor) -> float:
-        """Backward pass, gradient clipping and an optimizer step; returns the gradient norm."""
+    def _step(self, loss: torch.Tensor) -> float | None:
+        """Backward pass, gradient clipping and an optimizer step; returns the gradient norm
+        (before clipping).
+
+        A non-finite loss or gradient norm skips the step instead (no weight and no Adam moment
+        changes), counts it in ``nonfinite_updates_skipped`` and returns None.
+        """
         self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self._skip_step("loss", float(loss.detach()))
+            return None
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.policy.net.parameters(), self.cfg.algo.max_grad_norm
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(
+                self.policy.net.parameters(), self.cfg.algo.max_grad_norm
+            )
         )
+        if not np.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip_step("gradient norm", grad_norm)
+            return None
         self.optimizer.step()
-        return float(grad_norm)
+        if self._skipping:
+            self._skipping = False
+            logger.info(
+                "optimizer steps are finite again (%d skipped in this run)",
+                self.nonfinite_updates_skipped,
+            )
+        return grad_norm
+
+    def _skip_step(self, what: str, value: float) -> None:
+        """Count a skipped optimizer step; one warning when a run of skipped steps starts."""
+        self.nonfinite_updates_skipped += 1
+        if not self._skipping:
+            self._skipping = True
+            logger.warning(
+                "non-finite %s (%s) at policy version %d: skipping optimizer steps until it is "
+                "finite again (nonfinite_updates_skipped=%d)",
+                what,
+                value,
+                self.version,
+                self.nonfinite_updates_skipped,
+            )
 
 
 #: scalar outputs of :func:`appo_loss` averaged over an update's minibatches

@@ -18,6 +18,7 @@ pi is the target (learner) policy, mu the behaviour (actor) policy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,7 @@ def appo_loss(
     c_bar: float = 1.0,
     normalize_advantages: bool = True,
     advantage_std_floor: float = 0.0,
+    ratio_bound: float = 20.0,
     valid: torch.Tensor | None = None,
 ) -> APPOLossOutput:
     """APPO loss: PPO clipped surrogate on V-trace advantages, plus value and entropy terms.
@@ -124,11 +126,19 @@ def appo_loss(
     Masked-out entries have their reward treated as 0 inside V-trace so it cannot reach earlier
     targets; the recursion still runs through them, so a step after which bootstrapping must stop
     (e.g. the last valid step before padding) needs discount 0 from the caller.
+    The surrogate uses pi/mu clamped to ``[1 / ratio_bound, ratio_bound]`` (sample-factory's guard:
+    such extreme ratios are noise, e.g. a stale fragment or a near-zero behaviour probability); an
+    entry outside that range gives the policy no gradient. ``approx_kl`` and ``clip_fraction``
+    are measured on the raw ratio; V-trace truncates its own weights at ``rho_bar``/``c_bar``.
     """
     valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid.bool()
 
     log_ratio = target_logp - behaviour_logp
-    ratio = torch.exp(log_ratio)  # pi / mu, with grad through pi
+    # pi / mu, with grad through pi, clamped to [1/ratio_bound, ratio_bound]. The clamp acts on
+    # log(pi/mu), before exp: clamping after exp would multiply the clamp's zero gradient by
+    # exp's infinite one (0 * inf = NaN) once a ratio overflows.
+    log_bound = math.log(ratio_bound)
+    ratio = torch.exp(torch.clamp(log_ratio, -log_bound, log_bound))
 
     rewards = torch.where(valid, rewards, torch.zeros_like(rewards))
     vt = vtrace(
@@ -161,9 +171,11 @@ def appo_loss(
     loss = policy_loss + vf_coef * value_loss - ent_coef * mean_entropy
 
     with torch.no_grad():
+        # On the raw ratio, so they show how far off-policy the data really was.
+        raw_ratio = torch.exp(log_ratio)
         # k3 estimator (Schulman, "Approximating KL divergence"): unbiased, always >= 0.
-        approx_kl = _masked_mean((ratio - 1.0) - log_ratio, valid)
-        clipped = ((ratio - 1.0).abs() > clip_coef).to(ratio.dtype)
+        approx_kl = _masked_mean((raw_ratio - 1.0) - log_ratio, valid)
+        clipped = ((raw_ratio - 1.0).abs() > clip_coef).to(raw_ratio.dtype)
         clip_fraction = _masked_mean(clipped, valid)
 
     return APPOLossOutput(

@@ -132,5 +132,8 @@ class RunDirectory:
 
 
 def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
-    """The latest checkpoint of a run."""
-    return torch.load(Path(run_dir) / "checkpoints" / "latest.pt", weights_only=False)
+    """The latest checkpoint of a run, with every tensor on the CPU (whatever device wrote it);
+    each learner moves its own state to its device when it loads it."""
+    return torch.load(
+        Path(run_dir) / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False
+    )

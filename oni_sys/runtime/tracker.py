@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, Any]], None]
 
 #: Learner stats that are states, not rates: a row reports the latest value, not the mean.
-#: (``intrinsic_top_caption_share`` is already over the window since the previous row.)
-LATEST_KEYS = ("intrinsic_top_caption_share",)
+#: (``intrinsic_top_caption_share`` is already over the window since the previous row;
+#: ``nonfinite_updates_skipped`` counts over the whole run.)
+LATEST_KEYS = ("intrinsic_top_caption_share", "nonfinite_updates_skipped")
 
 
 #: how far below ``reward.hacking_share`` the top share must fall to clear a suspicion

@@ -74,13 +74,14 @@ def test_an_agent_that_acts_more_often_keeps_a_bounded_backlog():
         assert i - f.policy_version <= 1  # no step is older than the previous fragment's weights
     assert runner.buffers.dropped > 0 and runner.buffers.capacity <= 8 * (T + 1)
     # A column that starts after dropped records unrolls from its own stored state.
-    obs = {k: torch.as_tensor(v) for k, v in f.obs.items()}
+    dev = learner.device
+    obs = {k: torch.as_tensor(v, device=dev) for k, v in f.obs.items()}
     with torch.no_grad():
         logp, _, _ = learner.policy.evaluate_actions(
             obs,
-            torch.as_tensor(f.initial_state),
-            torch.as_tensor(f.first),
-            torch.as_tensor(f.actions),
+            torch.as_tensor(f.initial_state, device=dev),
+            torch.as_tensor(f.first, device=dev),
+            torch.as_tensor(f.actions, device=dev),
         )
-    np.testing.assert_allclose(logp.numpy(), f.behaviour_logp, atol=1e-5)
+    np.testing.assert_allclose(logp.cpu().numpy(), f.behaviour_logp, atol=1e-5)
     runner.close()

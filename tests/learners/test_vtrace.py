@@ -299,3 +299,43 @@ def test_appo_masked_padding_after_episode_end_is_ignored():
     out2 = appo(**garbage, valid=mask)
     for field in ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"):
         torch.testing.assert_close(getattr(out, field), getattr(out2, field), msg=field)
+
+
+@pytest.mark.parametrize("log_ratio", [10.0, 1000.0])  # e^1000 overflows to inf
+def test_appo_extreme_ratio_is_bounded_like_ratio_20(log_ratio):
+    """pi/mu far above 20 with negative advantages: the unclamped surrogate would be ~e^10 times
+    the advantage; the loss is instead the loss at pi/mu = 20, and the policy gets no (and no NaN)
+    gradient from those entries. The statistics still see the raw ratio."""
+    inp = appo_inputs(seed=4)
+    logp, _ = categorical_logp_entropy(inp["logits"].detach(), inp["actions"])
+    only_policy = dict(vf_coef=0.0, ent_coef=0.0, normalize_advantages=False)
+    far = appo(**dict(inp, behaviour_logp=logp - log_ratio), **only_policy)
+    at_20 = appo(**dict(inp, behaviour_logp=logp - np.log(20.0)), **only_policy)
+    adv = far.pg_advantages
+    assert (adv < 0).any() and (adv > 0).any()
+    torch.testing.assert_close(far.loss, at_20.loss)
+    # What an unclamped surrogate would give: min(r A, clip(r) A) = r A where A < 0.
+    unbounded = -torch.where(adv < 0, np.exp(min(log_ratio, 700.0)) * adv, 1.2 * adv).mean()
+    assert far.loss.item() < 1e-3 * unbounded.item()
+
+    far.loss.backward()
+    grad = inp["logits"].grad
+    assert torch.isfinite(grad).all() and grad.abs().max() == 0  # every ratio is out of range
+    assert far.clip_fraction.item() == 1.0
+    assert far.approx_kl.item() > at_20.approx_kl.item()  # raw ratio: e^10 - 1 - 10, or inf
+
+
+def test_appo_ratio_bound_is_configurable_and_symmetric():
+    """``ratio_bound=5``: pi/mu is clamped to [1/5, 5] in the surrogate (V-trace keeps the raw
+    ratio, truncated at rho_bar, for its advantages)."""
+    inp = appo_inputs(seed=6)
+    logp, _ = categorical_logp_entropy(inp["logits"].detach(), inp["actions"])
+    only_policy = dict(vf_coef=0.0, ent_coef=0.0, normalize_advantages=False, clip_coef=0.2)
+    for log_ratio, bounded in ((6.0, 5.0), (-6.0, 0.2)):
+        out = appo(**dict(inp, behaviour_logp=logp - log_ratio), ratio_bound=5.0, **only_policy)
+        adv = out.pg_advantages
+        surrogate = torch.min(bounded * adv, float(np.clip(bounded, 0.8, 1.2)) * adv)
+        torch.testing.assert_close(out.policy_loss, -surrogate.mean())
+        # e^6 and e^-6 are inside the default bound of 20: there the loss is another one.
+        default = appo(**dict(inp, behaviour_logp=logp - log_ratio), **only_policy)
+        assert not torch.allclose(default.policy_loss, out.policy_loss)

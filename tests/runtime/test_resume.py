@@ -38,10 +38,10 @@ def test_resume_restores_weights_and_continues_curves(tmp_path):
     second = _runtime(f"resume={run_dir}", "train.total_env_steps=20480")
     weights = second.learner.policy.net.state_dict()
     for key, value in ckpt["learner"]["state"]["model"].items():
-        assert torch.equal(weights[key], value), key
+        assert torch.equal(weights[key].cpu(), value), key
     opt = second.learner.optimizer.state_dict()["state"]
     for idx, saved in ckpt["learner"]["state"]["optimizer"]["state"].items():
-        assert torch.equal(opt[idx]["exp_avg"], saved["exp_avg"])
+        assert torch.equal(opt[idx]["exp_avg"].cpu(), saved["exp_avg"])
     assert second.tracker.env_steps == ckpt["tracker"]["env_steps"]
     assert second.learner.version == ckpt["learner"]["state"]["version"]
     assert second.run() == run_dir
