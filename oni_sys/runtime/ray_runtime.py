@@ -51,7 +51,10 @@ class RayRuntime(Runtime):
                 need = rt.num_env_runners * rt.cpus_per_env_runner + rt.learner_cpus
                 need += rt.annotator_cpus if self.annotator_enabled else 0.0
                 need += rt.reward_learner_cpus if self.reward_enabled else 0.0
+                # address="local": a new instance even when RAY_ADDRESS names a cluster
+                # (set by `ray start` on this machine, or inside a Ray job).
                 ray.init(
+                    address="local",
                     num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
                     include_dashboard=False,
                     _node_ip_address="127.0.0.1",
