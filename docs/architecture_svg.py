@@ -93,11 +93,11 @@ def arrow(points: list[tuple[int, int]], label: str, lx: int, ly: int) -> str:
 def render() -> str:
     """The whole SVG document."""
     parts = [
-        '<svg xmlns="http://www.w3.org/2000/svg" width="760" height="640" '
+        '<svg xmlns="http://www.w3.org/2000/svg" width="760" height="660" '
         'font-family="Helvetica, Arial, sans-serif">',
         '<defs><marker id="head" markerWidth="10" markerHeight="8" refX="9" refY="4" '
         'orient="auto"><path d="M0,0 L10,4 L0,8 z" fill="#1f4e8c"/></marker></defs>',
-        '<rect width="760" height="640" fill="white"/>',
+        '<rect width="760" height="660" fill="white"/>',
     ]
     parts += [box(*b) for b in BOXES]
     parts.append(
@@ -106,7 +106,8 @@ def render() -> str:
     )
     parts += [arrow(a[5], a[2], a[3], a[4]) for a in ARROWS]
     notes = [
-        "Records on the arrows: oni_sys/contracts.py (imports no role).",
+        "Records on the arrows: oni_sys/contracts.py (imports no role). One driver loop for both",
+        "runtimes (Runtime._train_loop in runtime/base.py); each runtime only places the calls.",
         "serial (runtime/serial.py): one process; runner, learner, annotator and reward learner",
         "   stepped in a fixed order after every batch: deterministic for a seed while the LLM answers.",
         "ray (runtime/ray_runtime.py, ray_actors.py): the four large boxes are Ray actors;",
