@@ -480,6 +480,40 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
         errors.append(f"name: {cfg.name!r} is not a usable run name; use letters, digits, - and _")
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives the same key twice (PyYAML would keep the last one without a word)."""
+
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"line {line}: key {key!r} is given twice (first on line {first_line})")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in first_line:
+                raise DuplicateKeyError(key, key_node.start_mark.line + 1, first_line[key])
+            first_line[key] = key_node.start_mark.line + 1
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            break
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
+
+
+def strict_yaml(text: str) -> Any:
+    """``yaml.safe_load``, except that a key given twice raises :class:`DuplicateKeyError`."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["algo.lr=3e-4", ...]`` into a nested dict, parsing values as YAML."""
     nested: dict[str, Any] = {}
@@ -490,7 +524,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             continue
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = strict_yaml(raw) if raw != "" else ""
+        except DuplicateKeyError as exc:
+            errors.append(f"{key}: {exc}; give each key once")
+            continue
         except yaml.YAMLError:
             value = raw
         node = nested
@@ -537,9 +574,25 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError([f"{path}: config file not found"])
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = strict_yaml(path.read_text())
+        except DuplicateKeyError as exc:
+            raise ConfigError([f"{path}: {exc}; give each key once"]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([f"{path}: not valid YAML ({exc})".replace("\n", " ")]) from None
+        if data is None:
+            raise ConfigError(
+                [
+                    f"{path}: the file has no settings; a config file is a mapping of sections "
+                    "such as env: and algo: (see configs/cartpole.yaml)"
+                ]
+            )
+        if not isinstance(data, dict):
+            raise ConfigError(
+                [
+                    f"{path}: the file holds a {type(data).__name__}, not a mapping of sections "
+                    "such as env: and algo: (see configs/cartpole.yaml)"
+                ]
+            )
     data = _deep_merge(data, parse_overrides(overrides or []))
     clean = _validate_section(Config, data, "", errors)
     # Cross-key rules run on the valid values (defaults stand in for invalid ones), so their
@@ -577,6 +630,10 @@ def describe_config() -> str:
         "",
         "Generated from `oni_sys/config.py` by `python -m oni_sys.config > docs/CONFIG.md`;",
         "a test keeps the two in step. Override any key on the command line as `section.key=value`.",
+        "",
+        "A config file is a YAML mapping of the sections below. It is read strictly: a key given",
+        "twice in one mapping, an empty file, or a file that is not a mapping is an error naming",
+        "the file and the line.",
         "",
     ]
 

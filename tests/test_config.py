@@ -125,3 +125,40 @@ def test_reward_model_and_annotator_prompt_must_agree(cli):
     result = cli("train", "configs/keydoor.yaml", "annotator.prompt=ranking")
     assert result.returncode == 2
     assert "reward.kind=hashing learns from per-caption labels" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        # PyYAML alone keeps the last value of a repeated key without a word.
+        ("algo:\n  lr: 0.001\n  lr: 0.1\n", "line 3: key 'lr' is given twice (first on line 2)"),
+        ("env:\n  id: gym:CartPole-v1\nenv:\n  num_envs: 2\n", "key 'env' is given twice"),
+        ("", "the file has no settings"),
+        ("# only a comment\n", "the file has no settings"),
+        ("- env\n- algo\n", "holds a list, not a mapping of sections"),
+    ],
+)
+def test_config_file_is_read_strictly(cli, text, needle, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    runs = tmp_path / "runs"
+    result = cli("train", str(path), f"runs_dir={runs}")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: ") and needle in lines[0]
+    assert str(path) in lines[0]  # names the file
+    assert not runs.exists()
+
+
+def test_override_with_a_repeated_key_is_an_error():
+    errors = _errors(["env.kwargs={max_steps: 5, max_steps: 9}"])
+    assert errors == [
+        "env.kwargs: line 1: key 'max_steps' is given twice (first on line 1); give each key once"
+    ]
+
+
+def test_the_same_key_in_different_sections_is_fine(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("algo:\n  lr: 0.001\nreward:\n  lr: 0.01\n")
+    cfg = load_config(path)
+    assert (cfg.algo.lr, cfg.reward.lr) == (0.001, 0.01)
