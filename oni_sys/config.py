@@ -13,6 +13,7 @@ import difflib
 import importlib.util
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -413,6 +414,21 @@ def _reward_data(reward: RewardConfig) -> str | None:
     return "ranking" if kind == "ranking" else None
 
 
+def check_base_url(url: str) -> str | None:
+    """Why ``url`` cannot be an OpenAI-compatible server's address, or None."""
+    example = "e.g. http://127.0.0.1:8000/v1"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # raises ValueError when out of range or not a number
+    except ValueError as exc:
+        return f"{url!r} is not a usable URL ({exc}); give http(s)://host[:port]/path, {example}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url!r} is not an http(s) URL with a host; {example}"
+    if port == 0:
+        return f"{url!r} has port 0; give a port from 1 to 65535, {example}"
+    return None
+
+
 def _cross_checks(cfg: Config, errors: list[str]) -> None:
     """Rules that involve more than one key."""
     from oni_sys.envs.captioners import check_captioner
@@ -424,6 +440,9 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
     err = check_captioner(cfg.env.captioner)
     if err:
         errors.append(f"env.captioner: {err}")
+    err = check_base_url(cfg.annotator.base_url)
+    if err:
+        errors.append(f"annotator.base_url: {err}")
     if cfg.algo.num_minibatches > cfg.env.num_envs * cfg.algo.fragments_per_batch:
         errors.append(
             f"algo.num_minibatches: {cfg.algo.num_minibatches} minibatches cannot be cut from a batch "

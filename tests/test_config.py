@@ -61,6 +61,10 @@ def test_every_error_reported_at_once():
         ("train.total_env_steps=lots", "expected an integer"),
         ("algo.lr=-1", "must be > 0.0"),
         ("env.id=gym:NoSuchEnv-v9", "unknown environment"),
+        # Each of these used to train to the end with 0 labels.
+        ("annotator.base_url=not-a-url", "not an http(s) URL with a host"),
+        ("annotator.base_url=ftp://127.0.0.1/v1", "not an http(s) URL with a host"),
+        ("annotator.base_url=http://127.0.0.1:99999/v1", "Port out of range"),
     ],
 )
 def test_cli_exits_2_with_one_line(cli, override, needle, tmp_path):
