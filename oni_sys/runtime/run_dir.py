@@ -132,8 +132,40 @@ class RunDirectory:
 
 
 def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
-    """The latest checkpoint of a run, with every tensor on the CPU (whatever device wrote it);
-    each learner moves its own state to its device when it loads it."""
-    return torch.load(
-        Path(run_dir) / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False
+    """The latest intact checkpoint of a run, with every tensor on the CPU (whatever device
+    wrote it); each learner moves its own state to its device when it loads it.
+
+    ``latest.pt`` first; if it cannot be read (truncated, empty, not a checkpoint), the newest
+    readable ``ckpt_*.pt``, with one warning naming both. None readable: a
+    :class:`~oni_sys.config.ConfigError` naming every file and why.
+    """
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    candidates = [ckpt_dir / "latest.pt", *sorted(ckpt_dir.glob("ckpt_*.pt"), reverse=True)]
+    failed: list[str] = []
+    tried: set[tuple[int, int]] = set()  # latest.pt is a hard link to the newest ckpt_*.pt
+    for path in candidates:
+        if not path.is_file():
+            continue
+        stat = path.stat()
+        if (stat.st_dev, stat.st_ino) in tried:
+            continue
+        tried.add((stat.st_dev, stat.st_ino))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or not {"learner", "tracker", "config"} <= set(state):
+                raise ValueError("not an oni-sys checkpoint")
+        except Exception as exc:  # noqa: BLE001 (torch.load raises many kinds on a bad file)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            failed.append(f"{path.name} ({reason})")
+            continue
+        if failed:
+            logger.warning(
+                "%s: unreadable: %s; using %s instead", ckpt_dir, "; ".join(failed), path.name
+            )
+        return state
+    raise ConfigError(
+        [
+            f"{ckpt_dir}: no readable checkpoint ({'; '.join(failed) or 'none found'}); "
+            "the run cannot be resumed or evaluated"
+        ]
     )
