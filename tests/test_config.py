@@ -125,3 +125,26 @@ def test_reward_model_and_annotator_prompt_must_agree(cli):
     result = cli("train", "configs/keydoor.yaml", "annotator.prompt=ranking")
     assert result.returncode == 2
     assert "reward.kind=hashing learns from per-caption labels" in result.stderr
+
+
+def test_role_resources_are_validated():
+    cfg = load_config(
+        "configs/cartpole.yaml",
+        ["runtime.learner_resources={learner_node: 1}", "runtime.env_runner_resources={r: 0.5}"],
+    )
+    assert cfg.runtime.learner_resources == {"learner_node": 1}
+    assert cfg.runtime.env_runner_resources == {"r": 0.5}
+    errs = _errors(
+        [
+            "runtime.learner_resources={learner_node: 0}",
+            "runtime.env_runner_resources={GPU: 1}",
+            "runtime.cpus_per_env_runner=0",
+        ]
+    )
+    assert len(errs) == 3, errs
+    assert any(e.startswith("runtime.learner_resources.learner_node:") and "> 0" in e for e in errs)
+    assert any(e.startswith("runtime.env_runner_resources.GPU:") for e in errs)
+    (err,) = _errors(["runtime.env_runner_resources={fast: yes}"])
+    assert err == "runtime.env_runner_resources.fast: True is out of range; it must be a number > 0"
+    (err,) = _errors(["runtime.learner_resources=[a]"])
+    assert err == "runtime.learner_resources: expected a mapping, got ['a']"

@@ -51,8 +51,13 @@ class RayRuntime(Runtime):
                 need = rt.num_env_runners * rt.cpus_per_env_runner + rt.learner_cpus
                 need += rt.annotator_cpus if self.annotator_enabled else 0.0
                 need += rt.reward_learner_cpus if self.reward_enabled else 0.0
+                # The custom resources the roles ask for, so the run fits here as on a cluster.
+                custom: dict[str, float] = dict(rt.learner_resources)
+                for name, amount in rt.env_runner_resources.items():
+                    custom[name] = custom.get(name, 0.0) + amount * rt.num_env_runners
                 ray.init(
                     num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                    resources=custom or None,
                     include_dashboard=False,
                     _node_ip_address="127.0.0.1",
                     log_to_driver=True,
@@ -63,12 +68,12 @@ class RayRuntime(Runtime):
         import ray
 
         rt = self.cfg.runtime
-        gpus = rt.learner_gpus
-        if gpus < 0:
-            gpus = 1.0 if torch.cuda.is_available() or _cluster_has_gpu() else 0.0
         probe = probe_env(self.cfg)
         learner_cls = ray.remote(LearnerActor).options(
-            num_cpus=rt.learner_cpus, num_gpus=gpus, max_concurrency=1
+            num_cpus=rt.learner_cpus,
+            num_gpus=self._learner_gpus(),
+            resources=dict(rt.learner_resources),
+            max_concurrency=1,
         )
         # Never restarted: its state is the run, and a silent restart would lose updates.
         self.learners = ActorManager(
@@ -77,7 +82,9 @@ class RayRuntime(Runtime):
         self.learner = self.learners[0]
         if self.checkpoint:
             ray.get(self.learner.load_state_dict.remote(self.checkpoint["learner"]["state"]))
-        self._runner_cls = ray.remote(RunnerActor).options(num_cpus=rt.cpus_per_env_runner)
+        self._runner_cls = ray.remote(RunnerActor).options(
+            num_cpus=rt.cpus_per_env_runner, resources=dict(rt.env_runner_resources)
+        )
         self._spawned = 0
         self.weights = self.learner.weights_packet.remote()
         self.runners = ActorManager(
@@ -88,6 +95,14 @@ class RayRuntime(Runtime):
             limit_name="runtime.max_runner_restarts",
             restarts=self.tracker.runner_restarts,
         )
+
+    def _learner_gpus(self) -> float:
+        """``runtime.learner_gpus``, with -1 resolved: one GPU if CUDA is visible here or the
+        cluster has a GPU, else none."""
+        gpus = self.cfg.runtime.learner_gpus
+        if gpus < 0:
+            gpus = 1.0 if torch.cuda.is_available() or _cluster_has_gpu() else 0.0
+        return gpus
 
     def _spawn_runner(self, index: int):
         """A new env runner actor holding the current weights."""
