@@ -6,6 +6,10 @@ Each runner has exactly one ``sample`` call outstanding and the learner at most
 ``runtime.max_fragments_in_flight`` fragments queued, so memory stays bounded however fast the
 runners are. A runner whose process dies is replaced and training goes on; the annotator and the
 reward learner are restarted by Ray when their process dies, and pick up from the label store.
+
+Before it creates any actor the driver checks that the live nodes can hold the run
+(:mod:`oni_sys.runtime.placement`); the annotator and the reward learner run on the driver's
+node, the learner and the env runners wherever their resources are.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from oni_sys.actors.env_runner import probe_env
 from oni_sys.runtime.actor_manager import ActorManager
 from oni_sys.runtime.base import Runtime
+from oni_sys.runtime.placement import check_cluster, demand_of
 from oni_sys.runtime.ray_actors import (
     LearnerActor,
     RemoteAnnotator,
@@ -63,6 +68,12 @@ class RayRuntime(Runtime):
                     log_to_driver=True,
                 )
             self._started_ray = True
+        # Before any actor exists: a run the live nodes cannot hold fails now, in one sentence,
+        # instead of leaving actors pending forever.
+        demand = demand_of(
+            self.cfg, self._learner_gpus(), self.annotator_enabled, self.reward_enabled
+        )
+        check_cluster(demand, wait_s=rt.resource_wait_s)
 
     def _start_roles(self) -> None:
         import ray
