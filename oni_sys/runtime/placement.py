@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oni_sys.config import Config
+from oni_sys.runtime.vllm_server import vllm_bundles
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +71,6 @@ class Demand:
         if self.vllm:
             shapes.append(self.vllm)
         return [{k: v for k, v in s.items() if v > 0} for s in shapes]
-
-
-def vllm_bundles(tensor_parallel_size: int) -> list[dict[str, float]]:
-    """The placement group of ``vllm serve``: one GPU per bundle, and the CPU of the actor that
-    runs it in the first one (see :mod:`oni_sys.runtime.vllm_server`)."""
-    return [{"GPU": 1.0, "CPU": 1.0}] + [{"GPU": 1.0}] * (tensor_parallel_size - 1)
 
 
 def demand_of(

@@ -143,7 +143,7 @@ class AnnotatorActor:
 
         _worker_logging()
         server = None
-        if cfg.annotator.backend == "vllm":  # vLLM on a GPU actor on this node, not in here
+        if cfg.annotator.backend == "vllm":  # vLLM on GPUs Ray reserves (any node), not here
             from oni_sys.runtime.vllm_server import RayVLLMServer
 
             server = RayVLLMServer.from_config(cfg.annotator)
