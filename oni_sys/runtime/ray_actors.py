@@ -74,6 +74,25 @@ class LearnerActor(PolicyLearner):
         stats["version"] = float(self.version)
         return stats
 
+    def learn_available(self, refs: list[Any]) -> dict[str, float]:
+        """Learn on the fragments behind ``refs`` that still exist: a fragment stored on a node
+        that died is lost with it, and counted in ``fragments_lost`` (the run goes on)."""
+        import ray
+
+        fragments = []
+        for ref in refs:
+            try:
+                fragments.append(ray.get(ref))
+            except ray.exceptions.ObjectLostError:
+                self.fragments_lost = getattr(self, "fragments_lost", 0) + 1
+        if fragments:
+            stats = self.learn(fragments)
+        else:
+            stats = {"trained": 0.0, "policy_lag_max": 0.0}
+        stats["version"] = float(self.version)
+        stats["fragments_lost"] = float(getattr(self, "fragments_lost", 0))
+        return stats
+
     def weights_packet(self) -> WeightsPacket:
         """Weights and their version, as one object for every runner to read."""
         return WeightsPacket(self.get_weights(), self.version)

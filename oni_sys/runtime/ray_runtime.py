@@ -40,6 +40,10 @@ class RayRuntime(Runtime):
     _table_ref: Any = None
     _table: dict[str, Any] | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._learn_inputs: dict[Any, list[Any]] = {}  # learn handle -> its fragment handles
+
     def _connect(self) -> None:
         import ray
 
@@ -132,7 +136,11 @@ class RayRuntime(Runtime):
         return tuple(self.runners.call(index, "sample_with_summary", num_returns=2))
 
     def _learn(self, fragments: list[Any]) -> Any:
-        return self.learner.learn_many.remote(*fragments)
+        # Top-level arguments: Ray fetches them to the learner while it still learns on the
+        # previous batch. Kept until the result is read, for a batch that must be retried.
+        handle = self.learner.learn_many.remote(*fragments)
+        self._learn_inputs[handle] = fragments
+        return handle
 
     def _wait(self, handles: list[Any], timeout: float | None = None) -> Any:
         import ray
@@ -143,7 +151,18 @@ class RayRuntime(Runtime):
     def _get(self, handle: Any) -> Any:
         import ray
 
-        return ray.get(handle)
+        fragments = self._learn_inputs.pop(handle, None)
+        try:
+            return ray.get(handle)
+        except ray.exceptions.ObjectLostError:
+            if fragments is None:
+                raise
+        # A fragment of this batch was stored on a node that died (with its env runner): learn
+        # on the rest, passed as references the learner resolves one by one.
+        logger.warning(
+            "a batch lost fragments with a node that left the cluster; learning on the rest"
+        )
+        return ray.get(self.learner.learn_available.remote(fragments))
 
     def _runner_lost(self, index: int, exc: Exception) -> bool:
         from ray.exceptions import RayActorError

@@ -23,7 +23,7 @@ Reporter = Callable[[dict[str, Any]], None]
 
 #: Learner stats that are states, not rates: a row reports the latest value, not the mean.
 #: (``intrinsic_top_caption_share`` is already over the window since the previous row.)
-LATEST_KEYS = ("intrinsic_top_caption_share",)
+LATEST_KEYS = ("intrinsic_top_caption_share", "fragments_lost")
 
 
 #: how far below ``reward.hacking_share`` the top share must fall to clear a suspicion
