@@ -180,10 +180,14 @@ def describe_nodes(nodes: list[dict[str, Any]], driver_node_id: str, limit: int 
 
 
 def placement_problem(
-    nodes: list[dict[str, Any]], driver_node_id: str, demand: Demand
+    nodes: list[dict[str, Any]],
+    driver_node_id: str,
+    demand: Demand,
+    learner_node_id: str | None = None,
 ) -> str | None:
     """None when the run fits on the live ``nodes`` (``ray.nodes()`` dicts: NodeID, Alive,
-    Resources, NodeManagerAddress), else one sentence saying what cannot be placed."""
+    Resources, NodeManagerAddress), else one sentence saying what cannot be placed.
+    ``learner_node_id``: the node the learner is already on (else every node is tried)."""
     free = {
         str(n["NodeID"]): dict(n.get("Resources") or {}) for n in nodes if n.get("Alive", False)
     }
@@ -201,6 +205,14 @@ def placement_problem(
             )
         free[driver_node_id] = _take(free[driver_node_id], demand.driver_node)
     learner_nodes = [n for n, f in free.items() if _fits(f, demand.learner)]
+    if learner_node_id is not None and learner_node_id not in learner_nodes:
+        return (
+            f"{head}Ray put the learner on node {learner_node_id[:8]}, where "
+            f"{demand.driver_roles} then lack the room they need on the driver's node; choose the "
+            f"learner's node with runtime.learner_resources {where}"
+        )
+    if learner_node_id is not None:
+        learner_nodes = [learner_node_id]
     if not learner_nodes:
         return (
             f"{head}the learner needs {_describe(demand.learner)} on one node, and no live node "
@@ -259,21 +271,25 @@ def check_cluster(
     nodes: Callable[[], list[dict[str, Any]]] | None = None,
     driver_node_id: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    learner_node_id: str | None = None,
 ) -> None:
     """Raise :class:`ClusterTooSmall` unless the live nodes can hold ``demand``.
 
     With ``wait_s`` > 0 the autoscaler is asked for the run's shapes and the nodes are checked
     again every ``poll_s`` seconds until the run fits or ``wait_s`` is up. ``nodes`` and
-    ``driver_node_id`` default to ``ray.nodes`` and this driver's node.
+    ``driver_node_id`` default to ``ray.nodes`` and this driver's node. With
+    ``learner_node_id`` (where Ray reserved the learner's share) the rest is checked at once.
     """
     import ray
 
     nodes = nodes or ray.nodes
     if driver_node_id is None:
         driver_node_id = ray.get_runtime_context().get_node_id()
-    problem = placement_problem(nodes(), driver_node_id, demand)
+    problem = placement_problem(nodes(), driver_node_id, demand, learner_node_id)
     if problem is None:
         return
+    if learner_node_id is not None:
+        raise ClusterTooSmall(problem)
     if wait_s > 0:
         logger.warning(
             "%s; waiting up to %g s for more nodes (runtime.resource_wait_s)", problem, wait_s
@@ -283,7 +299,7 @@ def check_cluster(
         try:
             while problem is not None and time.monotonic() < deadline:
                 sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
-                problem = placement_problem(nodes(), driver_node_id, demand)
+                problem = placement_problem(nodes(), driver_node_id, demand, learner_node_id)
         finally:
             _request_resources([])
         if problem is None:
@@ -294,3 +310,32 @@ def check_cluster(
         f"{problem}; give the nodes more resources, ask for less, or let an autoscaling cluster "
         "add nodes with runtime.resource_wait_s"
     )
+
+
+def reserve(shape: dict[str, float], what: str, timeout_s: float) -> Any:
+    """A ready placement group of one bundle ``shape`` (the resources ``what`` asks for, on one
+    node); raises :class:`ClusterTooSmall` if Ray cannot make it within ``timeout_s``."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group([_positive(shape)], strategy="STRICT_PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise ClusterTooSmall(
+            f"the cluster cannot place the run: Ray could not reserve {_describe(_positive(shape))} on one "
+            f"node for {what} within {timeout_s:g} s, although a node has them: other jobs hold "
+            "them (`ray status` shows the demand)"
+        )
+    return pg
+
+
+def _positive(shape: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in shape.items() if v > 0}
+
+
+def reserved_node(pg: Any) -> str:
+    """The node id of a ready placement group's first bundle."""
+    from ray.util import placement_group_table
+
+    return placement_group_table(pg)["bundles_to_node_id"][0]

@@ -23,7 +23,7 @@ import torch
 from oni_sys.actors.env_runner import probe_env
 from oni_sys.runtime.actor_manager import ActorManager
 from oni_sys.runtime.base import Runtime
-from oni_sys.runtime.placement import check_cluster, demand_of
+from oni_sys.runtime.placement import check_cluster, demand_of, reserve, reserved_node
 from oni_sys.runtime.ray_actors import (
     LearnerActor,
     RemoteAnnotator,
@@ -78,17 +78,27 @@ class RayRuntime(Runtime):
             self.cfg, self._learner_gpus(), self.annotator_enabled, self.reward_enabled
         )
         check_cluster(demand, wait_s=rt.resource_wait_s)
+        # The learner's share is reserved now, before the annotator starts: vLLM's reservation
+        # (annotator.backend=vllm) must never take the learner's GPU.
+        self._learner_pg = reserve(demand.learner, "the learner", max(30.0, rt.resource_wait_s))
+        # Ray chose the learner's node: the rest must still fit around it.
+        check_cluster(demand, learner_node_id=reserved_node(self._learner_pg))
 
     def _start_roles(self) -> None:
         import ray
 
         rt = self.cfg.runtime
         probe = probe_env(self.cfg)
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         learner_cls = ray.remote(LearnerActor).options(
             num_cpus=rt.learner_cpus,
             num_gpus=self._learner_gpus(),
             resources=dict(rt.learner_resources),
             max_concurrency=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self._learner_pg, placement_group_bundle_index=0
+            ),
         )
         # Never restarted: its state is the run, and a silent restart would lose updates.
         self.learners = ActorManager(
@@ -229,6 +239,11 @@ class RayRuntime(Runtime):
             self.runners.close()
         if getattr(self, "learners", None) is not None:
             self.learners.close()
+        if getattr(self, "_learner_pg", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._learner_pg)
+            self._learner_pg = None
         if getattr(self, "_started_ray", False):
             ray.shutdown()
 

@@ -170,3 +170,17 @@ def test_cli_exits_2_at_once_when_no_node_has_the_gpu(cli, tmp_path):
     ]
     assert "no live node has a free GPU" in errors[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_the_rest_is_checked_around_the_node_ray_chose_for_the_learner():
+    nodes = [node(HEAD, CPU=2), node(WORKER, ip="10.0.0.2", CPU=2)]
+    d = demand("runtime.num_env_runners=1", gpus=0)
+    assert placement_problem(nodes, HEAD, d) is None  # learner on the worker: it fits
+    assert placement_problem(nodes, HEAD, d, learner_node_id=WORKER) is None
+    problem = placement_problem(nodes, HEAD, d, learner_node_id=HEAD)
+    assert "Ray put the learner on node aaaaaaaa, where the annotator and the reward learner " in (
+        problem
+    )
+    assert "choose the learner's node with runtime.learner_resources" in problem
+    with pytest.raises(ClusterTooSmall, match="Ray put the learner"):  # at once, even with a wait
+        check_cluster(d, 3600.0, nodes=lambda: nodes, driver_node_id=HEAD, learner_node_id=HEAD)
