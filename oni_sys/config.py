@@ -172,7 +172,7 @@ class AnnotatorConfig:
         "llamacpp",
         choices=["openai", "vllm", "llamacpp", "rules"],
         help="llamacpp: embedded Gemma 3 270M in a supervised child process; openai: any compatible server; "
-        "vllm: vllm serve started here (ray runtime: on a GPU Ray actor); rules: regular expressions (ablations, tests)",
+        "vllm: vllm serve started here (ray runtime: on GPUs Ray reserves on some node); rules: regular expressions (ablations, tests)",
     )
     base_url: str = _f("http://127.0.0.1:8000/v1", help="openai backend: server URL up to /v1")
     model: str | None = _f(
