@@ -86,11 +86,10 @@ class RayRuntime(Runtime):
 
     def _start_roles(self) -> None:
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         rt = self.cfg.runtime
         probe = probe_env(self.cfg)
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         learner_cls = ray.remote(LearnerActor).options(
             num_cpus=rt.learner_cpus,
             num_gpus=self._learner_gpus(),
