@@ -23,7 +23,13 @@ import torch
 from oni_sys.actors.env_runner import probe_env
 from oni_sys.runtime.actor_manager import ActorManager
 from oni_sys.runtime.base import Runtime
-from oni_sys.runtime.placement import check_cluster, demand_of, reserve, reserved_node
+from oni_sys.runtime.placement import (
+    check_cluster,
+    demand_of,
+    placement_problem,
+    reserve,
+    reserved_node,
+)
 from oni_sys.runtime.ray_actors import (
     LearnerActor,
     RemoteAnnotator,
@@ -78,6 +84,7 @@ class RayRuntime(Runtime):
             self.cfg, self._learner_gpus(), self.annotator_enabled, self.reward_enabled
         )
         check_cluster(demand, wait_s=rt.resource_wait_s)
+        self._demand = demand
         # The learner's share is reserved now, before the annotator starts: vLLM's reservation
         # (annotator.backend=vllm) must never take the learner's GPU.
         self._learner_pg = reserve(demand.learner, "the learner", max(30.0, rt.resource_wait_s))
@@ -180,7 +187,30 @@ class RayRuntime(Runtime):
             return False
         self.runners.replace(index, exc)
         self.tracker.runner_restarts = self.runners.restarts
+        self._warn_if_unplaceable()
         return True
+
+    def _warn_if_unplaceable(self) -> None:
+        """Say so when the nodes left cannot hold every env runner (a node went away): the
+        replacements wait, unseen in any error, until the cluster has room again."""
+        import ray
+
+        try:
+            problem = placement_problem(
+                ray.nodes(),
+                ray.get_runtime_context().get_node_id(),
+                self._demand,
+                reserved_node(self._learner_pg),
+            )
+        except Exception:  # noqa: BLE001 (a warning must never cost the run)
+            logger.debug("placement check after a lost runner failed", exc_info=True)
+            return
+        if problem is not None:
+            logger.warning(
+                "%s; the replacement env runners wait until a node has room (training goes on "
+                "with the runners that are placed)",
+                problem.replace("the cluster cannot place the run: ", "after a lost node, "),
+            )
 
     def _cancel(self, handles: list[Any]) -> None:
         import ray

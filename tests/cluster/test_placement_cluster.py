@@ -91,13 +91,18 @@ def test_each_role_runs_where_its_resources_and_data_are(ray_cluster, tmp_path):
     assert _labels(run_dir) > 0
 
 
-def test_a_worker_node_lost_mid_run_has_its_runners_replaced(ray_cluster, tmp_path):
-    cluster = ray_cluster(num_cpus=3)  # driver, learner, annotator, reward learner
+def _remove_a_runners_node(cluster, tmp_path, spare: int, monkeypatch, *overrides: str):
+    """Train on the head (driver, learner, annotator, reward learner) and 2 + ``spare`` runner
+    nodes; at the first metrics row the node of runner 0 is removed. Returns the runtime and the
+    run directory."""
     workers = {}
-    for _ in range(3):  # two runners, one per node: one node spare
+    for _ in range(2 + spare):  # two runners, one per node
         node = cluster.add_node(num_cpus=1, resources={"runner_node": 1})
         workers[node.node_id] = node
-    cfg = _config(tmp_path, cluster.address)
+    cfg = _config(
+        tmp_path, cluster.address, "runtime.learner_resources={learner_node: 1}", *overrides
+    )
+    monkeypatch.chdir(tmp_path)  # a relative annotator.store is relative to the driver
     removed: list[str] = []
 
     def remove_a_runners_node(row):
@@ -111,12 +116,40 @@ def test_a_worker_node_lost_mid_run_has_its_runners_replaced(ray_cluster, tmp_pa
     runtime = make_runtime(cfg, reporter=remove_a_runners_node)
     runtime.setup()
     run_dir = runtime.run()
-
     assert removed
+    return runtime, run_dir
+
+
+def test_a_worker_node_lost_mid_run_has_its_runners_replaced(
+    ray_cluster, tmp_path, monkeypatch, caplog
+):
+    cluster = ray_cluster(num_cpus=3, resources={"learner_node": 1})
+    runtime, run_dir = _remove_a_runners_node(
+        cluster, tmp_path, 1, monkeypatch, "annotator.store=store/labels.sqlite"
+    )
     assert runtime.tracker.runner_restarts >= 1
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert rows[-1]["env_steps"] >= STEPS and rows[-1]["runner_restarts"] >= 1
-    assert rows[-1]["labels_total"] > 0 and _labels(run_dir) > 0
+    # a store path given by the user stays as given, made absolute on the driver
+    assert runtime.annotator.store_path == str(tmp_path / "store" / "labels.sqlite")
+    assert rows[-1]["labels_total"] > 0 and _labels(tmp_path / "store") > 0
+    assert "wait until a node has room" not in caplog.text  # the spare node took it
+
+
+def test_a_runner_that_no_node_can_hold_any_more_is_reported(
+    ray_cluster, tmp_path, monkeypatch, caplog
+):
+    """No spare node: the replacement cannot be placed; the driver says so and trains on with
+    the runner that is left."""
+    cluster = ray_cluster(num_cpus=3, resources={"learner_node": 1})
+    runtime, run_dir = _remove_a_runners_node(cluster, tmp_path, 0, monkeypatch)
+    (warning,) = [
+        r.getMessage() for r in caplog.records if "wait until a node has room" in (r.getMessage())
+    ]
+    assert warning.startswith("after a lost node, 2 env runners need 1 CPU and 1 runner_node ")
+    assert "room for 1 besides the learner" in warning
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[-1]["env_steps"] >= STEPS
 
 
 def test_a_cluster_too_small_fails_at_start_with_one_sentence(ray_cluster, cli, tmp_path):
