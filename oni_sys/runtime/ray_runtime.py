@@ -36,6 +36,7 @@ from oni_sys.runtime.ray_actors import (
     RemoteRewardLearner,
     RunnerActor,
 )
+from oni_sys.runtime.ray_local import keep_ray_on_loopback as _keep_ray_on_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -275,20 +276,6 @@ class RayRuntime(Runtime):
             self._learner_pg = None
         if getattr(self, "_started_ray", False):
             ray.shutdown()
-
-
-def _keep_ray_on_loopback() -> None:
-    """Make a locally started Ray instance listen on 127.0.0.1 only.
-
-    Ray 2.60 on Linux replaces a 127.0.0.1 node address with the machine's routable one (and
-    its servers then listen on every interface) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
-    Ray reads that variable once, at import, so the already imported constant is set too; the
-    processes Ray starts inherit the variable.
-    """
-    import ray._private.ray_constants as ray_constants
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _cluster_has_gpu() -> bool:

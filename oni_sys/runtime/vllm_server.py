@@ -36,6 +36,7 @@ from oni_sys.annotators.vllm_backend import (
     require_gpus,
     require_vllm_package,
 )
+from oni_sys.runtime.ray_local import keep_ray_on_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,8 @@ class NodeVLLMProcess(VLLMProcess):
 class RayVLLMServer:
     """``vllm serve`` on GPUs Ray reserves on some node; :attr:`base_url` once it answers.
 
-    Joins Ray (``ray.init()``) if this process is not connected yet; inside the Ray runtime's
-    annotator actor it always is.
+    Starts a Ray instance on 127.0.0.1 if this process is not connected to one yet; inside the
+    Ray runtime's annotator actor it always is.
 
     Args:
         model: a Hugging Face model id or a local path, as ``vllm serve`` takes it.
@@ -130,7 +131,8 @@ class RayVLLMServer:
         require_vllm_package()
         if not ray.is_initialized():
             require_gpus(tensor_parallel_size, cuda_gpu_count())  # no Ray started in vain
-            ray.init()
+            keep_ray_on_loopback()
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
         require_gpus_on_a_node(tensor_parallel_size, most_gpus_on_a_node())
         self.model = model
         self._actor: Any = None
