@@ -1,6 +1,7 @@
 """Command line: ``oni-sys train CONFIG [key=value ...]`` and ``oni-sys eval RUN_DIR [key=value ...]``.
 
-The CLI owns the console: logging format, the progress bar, and exit codes (2 for bad input).
+The CLI owns the console: logging format, the progress bar, and exit codes (2 for bad input, and
+for a Ray cluster that cannot hold the run; 3 for an annotator that cannot answer).
 """
 
 from __future__ import annotations
@@ -313,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     except AnnotatorUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ANNOTATOR
+    except RuntimeError as exc:
+        # Imported only here: oni_sys.runtime (torch) is already loaded when a run raised it.
+        from oni_sys.runtime.placement import ClusterTooSmall
+
+        if not isinstance(exc, ClusterTooSmall):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

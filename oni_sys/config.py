@@ -130,6 +130,22 @@ class RuntimeConfig:
     annotator_cpus: float = _f(1.0, gt=0.0, help="Ray CPU resource for the annotator actor")
     reward_learner_cpus: float = _f(1.0, gt=0.0, help="Ray CPU resource for the reward learner")
     learner_gpus: float = _f(-1.0, help="GPUs for the learner; -1: one if CUDA is visible, else 0")
+    learner_resources: dict[str, float] = _f(
+        {},
+        help="Ray custom resources the learner asks for, {name: amount}, e.g. {learner_node: 1} "
+        "to put it on the node(s) that declare that resource (docs/CLUSTER.md)",
+    )
+    env_runner_resources: dict[str, float] = _f(
+        {},
+        help="Ray custom resources each env runner asks for, {name: amount}, e.g. "
+        "{runner_node: 1} to keep runners on the nodes that declare it",
+    )
+    resource_wait_s: float = _f(
+        0.0,
+        min=0.0,
+        help="ray runtime: how long to wait at start for the cluster to grow until the run fits "
+        "(an autoscaling cluster adding nodes); 0: a cluster that cannot hold the run fails at once",
+    )
     max_fragments_in_flight: int = _f(4, min=1, help="fragments queued at the learner at most")
     broadcast_every: int = _f(1, min=1, help="send weights to env runners every K updates")
     max_runner_restarts: int = _f(10, min=0, help="crashed env runners replaced before giving up")
@@ -163,7 +179,7 @@ class AnnotatorConfig:
         "llamacpp",
         choices=["openai", "vllm", "llamacpp", "rules"],
         help="llamacpp: embedded Gemma 3 270M in a supervised child process; openai: any compatible server; "
-        "vllm: vllm serve started here (ray runtime: on a GPU Ray actor); rules: regular expressions (ablations, tests)",
+        "vllm: vllm serve started here (ray runtime: on GPUs Ray reserves on some node); rules: regular expressions (ablations, tests)",
     )
     base_url: str = _f("http://127.0.0.1:8000/v1", help="openai backend: server URL up to /v1")
     model: str | None = _f(
@@ -337,6 +353,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> tuple[A
     if get_origin(tp) is dict:
         if not isinstance(value, dict):
             return value, f"{key}: expected a mapping, got {value!r}"
+        if get_args(tp) == (str, float):
+            return _check_resources(key, value)
         return value, None
     if get_origin(tp) is list:
         if not isinstance(value, list):
@@ -374,6 +392,24 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> tuple[A
     if "max" in meta and value > meta["max"]:
         return value, f"{key}: {value!r} is out of range; it must be <= {meta['max']}"
     return value, None
+
+
+def _check_resources(key: str, value: dict) -> tuple[dict, str | None]:
+    """A mapping of Ray custom resource name -> amount > 0 (amounts as floats)."""
+    clean = {}
+    for name, amount in value.items():
+        if not isinstance(name, str) or not name:
+            return value, f"{key}: resource names are strings, got {name!r}"
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            return value, (
+                f"{key}.{name}: {name} is not a custom resource; CPUs and GPUs have options "
+                "of their own (runtime.learner_cpus, learner_gpus, cpus_per_env_runner)"
+            )
+        number = not isinstance(amount, bool) and isinstance(amount, (int, float))
+        if not number or not math.isfinite(amount) or amount <= 0:
+            return value, f"{key}.{name}: {amount!r} is out of range; it must be a number > 0"
+        clean[name] = float(amount)
+    return clean, None
 
 
 def _validate_section(cls: type, data: Any, prefix: str, errors: list[str]) -> dict[str, Any]:

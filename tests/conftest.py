@@ -41,3 +41,126 @@ def cli(tmp_path):
         )
 
     return run
+
+
+# -- a multi-node Ray cluster on one machine ------------------------------------------------------
+def _decode_address(hex_addr: str) -> str:
+    import socket
+
+    raw = bytes.fromhex(hex_addr)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    return socket.inet_ntop(  # IPv6: four 32-bit words, each in host order
+        socket.AF_INET6, b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    )
+
+
+def _descendants(pids: set[int]) -> set[int]:
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, grew = set(pids), True
+    while grew:
+        grew = False
+        for pid, ppid in parent.items():
+            if ppid in out and pid not in out:
+                out.add(pid)
+                grew = True
+    return out
+
+
+def listening(pids: set[int]) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every TCP socket in LISTEN state held by one of ``pids``."""
+    owner = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                owner[link[len("socket:[") : -1]] = pid
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in owner:  # 0A: LISTEN
+                addr, port = fields[1].rsplit(":", 1)
+                found.append((owner[fields[9]], _decode_address(addr), int(port, 16)))
+    return found
+
+
+class LoopbackCluster:
+    """A ``ray.cluster_utils.Cluster`` whose nodes all run on 127.0.0.1 (see :func:`ray_cluster`)."""
+
+    def __init__(self, head: dict) -> None:
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"include_dashboard": False, "object_store_memory": 80 << 20, **head},
+        )
+        self.head = self.cluster.head_node
+        self.address = self.cluster.address
+
+    def add_node(self, **args):
+        """A worker node (``num_cpus``, ``num_gpus``, ``resources``, ...)."""
+        return self.cluster.add_node(object_store_memory=80 << 20, **args)
+
+    def pids(self) -> set[int]:
+        """Every process of the cluster's nodes, and their children (workers)."""
+        pids = set()
+        for node in self.cluster.list_all_nodes():
+            for infos in node.all_processes.values():
+                pids.update(info.process.pid for info in infos)
+        return _descendants(pids)
+
+    def assert_loopback_only(self) -> None:
+        """Every socket a process of the cluster listens on is bound to loopback."""
+        listeners = listening(self.pids())
+        assert listeners, "found no listening sockets of the cluster (is /proc readable?)"
+        exposed = [
+            item for item in listeners if item[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+        ]
+        assert not exposed, f"Ray processes listen beyond loopback: {exposed}"
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+@pytest.fixture
+def ray_cluster():
+    """``make(head_args) -> LoopbackCluster``: a Ray cluster of several nodes on this machine,
+    every one on 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, see
+    ``oni_sys.runtime.ray_runtime._keep_ray_on_loopback``); add nodes with ``add_node``. The
+    driver is disconnected and every node stopped at the end."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    import ray
+
+    from oni_sys.runtime.ray_runtime import _keep_ray_on_loopback
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already initialised in this process")
+    _keep_ray_on_loopback()
+    made: list[LoopbackCluster] = []
+
+    def make(**head) -> LoopbackCluster:
+        made.append(LoopbackCluster(head))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        ray.shutdown()
+        for cluster in made:
+            cluster.shutdown()

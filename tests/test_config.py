@@ -166,3 +166,26 @@ def test_the_same_key_in_different_sections_is_fine(tmp_path):
     path.write_text("algo:\n  lr: 0.001\nreward:\n  lr: 0.01\n")
     cfg = load_config(path)
     assert (cfg.algo.lr, cfg.reward.lr) == (0.001, 0.01)
+
+
+def test_role_resources_are_validated():
+    cfg = load_config(
+        "configs/cartpole.yaml",
+        ["runtime.learner_resources={learner_node: 1}", "runtime.env_runner_resources={r: 0.5}"],
+    )
+    assert cfg.runtime.learner_resources == {"learner_node": 1}
+    assert cfg.runtime.env_runner_resources == {"r": 0.5}
+    errs = _errors(
+        [
+            "runtime.learner_resources={learner_node: 0}",
+            "runtime.env_runner_resources={GPU: 1}",
+            "runtime.cpus_per_env_runner=0",
+        ]
+    )
+    assert len(errs) == 3, errs
+    assert any(e.startswith("runtime.learner_resources.learner_node:") and "> 0" in e for e in errs)
+    assert any(e.startswith("runtime.env_runner_resources.GPU:") for e in errs)
+    (err,) = _errors(["runtime.env_runner_resources={fast: yes}"])
+    assert err == "runtime.env_runner_resources.fast: True is out of range; it must be a number > 0"
+    (err,) = _errors(["runtime.learner_resources=[a]"])
+    assert err == "runtime.learner_resources: expected a mapping, got ['a']"

@@ -15,8 +15,9 @@ How it runs:
   runtime, ``oni-sys annotate`` and ``oni-sys doctor`` do, and no Ray is involved. The Ray runtime
   hands it a server that Ray placed on a GPU (:mod:`oni_sys.runtime.vllm_server`). Either way the
   backend owns the server: ``await backend.close()`` stops it.
-- The server listens on 127.0.0.1 only, so the process that scores questions runs on the machine
-  that serves them.
+- The server listens on 127.0.0.1 by default, so the process that scores questions runs on the
+  machine that serves them. The Ray runtime gives ``host`` = the IP of the node Ray placed vLLM
+  on, since its annotator may run on another node (a loopback-only Ray instance: 127.0.0.1).
 
 This path needs a CUDA machine and cannot run on the CPU-only development box; its tests that
 serve a model carry the ``gpu`` marker. Weights come from wherever ``vllm serve`` finds the model
@@ -104,8 +105,9 @@ class VLLMServer(Protocol):
 class VLLMProcess:
     """Owns a ``vllm serve`` subprocess on this machine (started by the constructor).
 
-    The constructor only launches vLLM; :meth:`wait_ready` waits for it to answer. Use
-    :meth:`start` for both, after checking that vLLM can run here.
+    The constructor only launches vLLM, listening on ``host`` (default 127.0.0.1);
+    :meth:`wait_ready` waits for it to answer. Use :meth:`start` for both, after checking that
+    vLLM can run here.
     """
 
     def __init__(
@@ -114,10 +116,12 @@ class VLLMProcess:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.85,
         extra_args: Sequence[str] = (),
+        host: str = "127.0.0.1",
     ) -> None:
         self.model = model
+        self.host = host
         self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.base_url = f"http://{host}:{self.port}/v1"
         exe = Path(sys.executable).with_name("vllm")
         cmd = [str(exe)] if exe.exists() else [shutil.which("vllm") or "vllm"]
         self.cmd = [
@@ -125,7 +129,7 @@ class VLLMProcess:
             "serve",
             model,
             "--host",
-            "127.0.0.1",
+            host,
             "--port",
             str(self.port),
             "--tensor-parallel-size",

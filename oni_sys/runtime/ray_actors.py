@@ -9,6 +9,12 @@
 
 Ray restarts the annotator and reward-learner actors in place; they rebuild their state from
 the label store. Runners are replaced by the driver's :class:`ActorManager`.
+
+Placement: the annotator and the reward learner are pinned to the driver's node (a hard
+``NodeAffinitySchedulingStrategy``), so the label store they write is a file on the node where
+the run directory is, given to them as an absolute path; the learner and the env runners go
+wherever their resources (``runtime.learner_resources``, ``runtime.env_runner_resources``) are.
+Every actor answers ``node_id()``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ class RunnerActor(EnvRunner):
         """Process id (tests use it to kill a runner)."""
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this runner is on."""
+        return _node_id()
+
     def forget_captions(self, ids: list[int]) -> None:
         """Send these captions' texts again when next seen (the driver had to drop them)."""
         self.sent_captions.difference_update(ids)
@@ -58,10 +68,31 @@ class RunnerActor(EnvRunner):
 class LearnerActor(PolicyLearner):
     """The policy learner, publishing weights together with their version."""
 
+    fragments_lost = 0  # fragments whose node died before the learner read them
+
     def learn_many(self, *fragments: Fragment) -> dict[str, float]:
         """Learn on fragments passed as separate arguments (Ray resolves each reference)."""
         stats = self.learn(list(fragments))
         stats["version"] = float(self.version)
+        return stats
+
+    def learn_available(self, refs: list[Any]) -> dict[str, float]:
+        """Learn on the fragments behind ``refs`` that still exist: a fragment stored on a node
+        that died is lost with it, and counted in ``fragments_lost`` (the run goes on)."""
+        import ray
+
+        fragments = []
+        for ref in refs:
+            try:
+                fragments.append(ray.get(ref))
+            except ray.exceptions.ObjectLostError:
+                self.fragments_lost += 1
+        if fragments:
+            stats = self.learn(fragments)
+        else:
+            stats = {"trained": 0.0, "policy_lag_max": 0.0}
+        stats["version"] = float(self.version)
+        stats["fragments_lost"] = float(self.fragments_lost)
         return stats
 
     def weights_packet(self) -> WeightsPacket:
@@ -75,6 +106,25 @@ class LearnerActor(PolicyLearner):
     def reward_table(self) -> dict[str, Any]:
         """The per-caption intrinsic reward table (``intrinsic_rewards.json``)."""
         return self.intrinsic.table()
+
+    def node_id(self) -> str:
+        """The Ray node this learner is on."""
+        return _node_id()
+
+
+def _node_id() -> str:
+    """The Ray node id (hex) of this process."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def on_driver_node() -> Any:
+    """A scheduling strategy that places an actor on the node of this (driver) process, or
+    nowhere: it never moves to another node, not even when Ray restarts it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=_node_id(), soft=False)
 
 
 def _worker_logging() -> None:
@@ -114,7 +164,7 @@ class AnnotatorActor:
 
         _worker_logging()
         server = None
-        if cfg.annotator.backend == "vllm":  # vLLM on a GPU actor on this node, not in here
+        if cfg.annotator.backend == "vllm":  # vLLM on GPUs Ray reserves (any node), not here
             from oni_sys.runtime.vllm_server import RayVLLMServer
 
             server = RayVLLMServer.from_config(cfg.annotator)
@@ -142,6 +192,10 @@ class AnnotatorActor:
     def version(self) -> str:
         """The annotator version its labels are stored under."""
         return self.service.version
+
+    def node_id(self) -> str:
+        """The Ray node this annotator (and its label store) is on."""
+        return _node_id()
 
     def submit(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
         """Queue captions; returns at once."""
@@ -187,14 +241,18 @@ class RemoteAnnotator:
         import ray
 
         self.cfg = cfg
+        #: where the store is, on the driver's node (an absolute path: the actor's working
+        #: directory is not the driver's)
+        self.store_path = os.path.abspath(os.fspath(store_path))
         actor_cls = ray.remote(AnnotatorActor).options(
             num_cpus=cfg.runtime.annotator_cpus,
             max_concurrency=4,
             max_restarts=-1,  # for as long as the outage limit allows
             max_task_retries=-1,  # submits sent to a dying actor reach its successor
+            scheduling_strategy=on_driver_node(),  # the store is a file beside the run directory
         )
         self.manager = ActorManager(
-            "annotator", lambda _: actor_cls.remote(cfg, str(store_path)), restart="ray"
+            "annotator", lambda _: actor_cls.remote(cfg, self.store_path), restart="ray"
         )
         self.actor = self.manager[0]
         self.forget = forget
@@ -377,6 +435,10 @@ class RewardLearnerActor:
         """Process id (tests use it to kill the reward learner)."""
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this reward learner is on."""
+        return _node_id()
+
     def close(self) -> None:
         """Stop the loop."""
         self._stop.set()
@@ -398,6 +460,7 @@ class RemoteRewardLearner:
             max_concurrency=4,
             max_restarts=-1,
             max_task_retries=-1,
+            scheduling_strategy=on_driver_node(),  # beside the annotator it reads from
         )
         self.manager = ActorManager(
             "reward learner",

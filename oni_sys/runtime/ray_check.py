@@ -40,7 +40,7 @@ def probe_local_ray(timeout_s: float) -> RayProbe:
         import ray
     except ImportError:
         return RayProbe()
-    from oni_sys.runtime.ray_runtime import _keep_ray_on_loopback
+    from oni_sys.runtime.ray_local import keep_ray_on_loopback
 
     probe = RayProbe(version=ray.__version__)
     if ray.is_initialized():
@@ -48,7 +48,7 @@ def probe_local_ray(timeout_s: float) -> RayProbe:
         return probe
     t0 = time.perf_counter()
     try:
-        _keep_ray_on_loopback()
+        keep_ray_on_loopback()
         # address="local": always a new instance, even when RAY_ADDRESS names a cluster.
         ray.init(
             address="local",

@@ -6,6 +6,10 @@ Each runner has exactly one ``sample`` call outstanding and the learner at most
 ``runtime.max_fragments_in_flight`` fragments queued, so memory stays bounded however fast the
 runners are. A runner whose process dies is replaced and training goes on; the annotator and the
 reward learner are restarted by Ray when their process dies, and pick up from the label store.
+
+Before it creates any actor the driver checks that the live nodes can hold the run
+(:mod:`oni_sys.runtime.placement`); the annotator and the reward learner run on the driver's
+node, the learner and the env runners wherever their resources are.
 """
 
 from __future__ import annotations
@@ -19,12 +23,20 @@ import torch
 from oni_sys.actors.env_runner import probe_env
 from oni_sys.runtime.actor_manager import ActorManager
 from oni_sys.runtime.base import Runtime
+from oni_sys.runtime.placement import (
+    check_cluster,
+    demand_of,
+    placement_problem,
+    reserve,
+    reserved_node,
+)
 from oni_sys.runtime.ray_actors import (
     LearnerActor,
     RemoteAnnotator,
     RemoteRewardLearner,
     RunnerActor,
 )
+from oni_sys.runtime.ray_local import keep_ray_on_loopback as _keep_ray_on_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +46,10 @@ class RayRuntime(Runtime):
 
     _table_ref: Any = None
     _table: dict[str, Any] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._learn_inputs: dict[Any, list[Any]] = {}  # learn handle -> its fragment handles
 
     def _connect(self) -> None:
         import ray
@@ -51,27 +67,48 @@ class RayRuntime(Runtime):
                 need = rt.num_env_runners * rt.cpus_per_env_runner + rt.learner_cpus
                 need += rt.annotator_cpus if self.annotator_enabled else 0.0
                 need += rt.reward_learner_cpus if self.reward_enabled else 0.0
+                # The custom resources the roles ask for, so the run fits here as on a cluster.
+                custom: dict[str, float] = dict(rt.learner_resources)
+                for name, amount in rt.env_runner_resources.items():
+                    custom[name] = custom.get(name, 0.0) + amount * rt.num_env_runners
                 # address="local": a new instance even when RAY_ADDRESS names a cluster
                 # (set by `ray start` on this machine, or inside a Ray job).
                 ray.init(
                     address="local",
                     num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                    resources=custom or None,
                     include_dashboard=False,
                     _node_ip_address="127.0.0.1",
                     log_to_driver=True,
                 )
             self._started_ray = True
+        # Before any actor exists: a run the live nodes cannot hold fails now, in one sentence,
+        # instead of leaving actors pending forever.
+        demand = demand_of(
+            self.cfg, self._learner_gpus(), self.annotator_enabled, self.reward_enabled
+        )
+        check_cluster(demand, wait_s=rt.resource_wait_s)
+        self._demand = demand
+        # The learner's share is reserved now, before the annotator starts: vLLM's reservation
+        # (annotator.backend=vllm) must never take the learner's GPU.
+        self._learner_pg = reserve(demand.learner, "the learner", max(30.0, rt.resource_wait_s))
+        # Ray chose the learner's node: the rest must still fit around it.
+        check_cluster(demand, learner_node_id=reserved_node(self._learner_pg))
 
     def _start_roles(self) -> None:
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         rt = self.cfg.runtime
-        gpus = rt.learner_gpus
-        if gpus < 0:
-            gpus = 1.0 if torch.cuda.is_available() or _cluster_has_gpu() else 0.0
         probe = probe_env(self.cfg)
         learner_cls = ray.remote(LearnerActor).options(
-            num_cpus=rt.learner_cpus, num_gpus=gpus, max_concurrency=1
+            num_cpus=rt.learner_cpus,
+            num_gpus=self._learner_gpus(),
+            resources=dict(rt.learner_resources),
+            max_concurrency=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self._learner_pg, placement_group_bundle_index=0
+            ),
         )
         # Never restarted: its state is the run, and a silent restart would lose updates.
         self.learners = ActorManager(
@@ -80,7 +117,9 @@ class RayRuntime(Runtime):
         self.learner = self.learners[0]
         if self.checkpoint:
             ray.get(self.learner.load_state_dict.remote(self.checkpoint["learner"]["state"]))
-        self._runner_cls = ray.remote(RunnerActor).options(num_cpus=rt.cpus_per_env_runner)
+        self._runner_cls = ray.remote(RunnerActor).options(
+            num_cpus=rt.cpus_per_env_runner, resources=dict(rt.env_runner_resources)
+        )
         self._spawned = 0
         self.weights = self.learner.weights_packet.remote()
         self.runners = ActorManager(
@@ -91,6 +130,14 @@ class RayRuntime(Runtime):
             limit_name="runtime.max_runner_restarts",
             restarts=self.tracker.runner_restarts,
         )
+
+    def _learner_gpus(self) -> float:
+        """``runtime.learner_gpus``, with -1 resolved: one GPU if CUDA is visible here or the
+        cluster has a GPU, else none."""
+        gpus = self.cfg.runtime.learner_gpus
+        if gpus < 0:
+            gpus = 1.0 if torch.cuda.is_available() or _cluster_has_gpu() else 0.0
+        return gpus
 
     def _spawn_runner(self, index: int):
         """A new env runner actor holding the current weights."""
@@ -109,7 +156,11 @@ class RayRuntime(Runtime):
         return tuple(self.runners.call(index, "sample_with_summary", num_returns=2))
 
     def _learn(self, fragments: list[Any]) -> Any:
-        return self.learner.learn_many.remote(*fragments)
+        # Top-level arguments: Ray fetches them to the learner while it still learns on the
+        # previous batch. Kept until the result is read, for a batch that must be retried.
+        handle = self.learner.learn_many.remote(*fragments)
+        self._learn_inputs[handle] = fragments
+        return handle
 
     def _wait(self, handles: list[Any], timeout: float | None = None) -> Any:
         import ray
@@ -120,7 +171,18 @@ class RayRuntime(Runtime):
     def _get(self, handle: Any) -> Any:
         import ray
 
-        return ray.get(handle)
+        fragments = self._learn_inputs.pop(handle, None)
+        try:
+            return ray.get(handle)
+        except ray.exceptions.ObjectLostError:
+            if fragments is None:
+                raise
+        # A fragment of this batch was stored on a node that died (with its env runner): learn
+        # on the rest, passed as references the learner resolves one by one.
+        logger.warning(
+            "a batch lost fragments with a node that left the cluster; learning on the rest"
+        )
+        return ray.get(self.learner.learn_available.remote(fragments))
 
     def _runner_lost(self, index: int, exc: Exception) -> bool:
         from ray.exceptions import RayActorError
@@ -129,7 +191,30 @@ class RayRuntime(Runtime):
             return False
         self.runners.replace(index, exc)
         self.tracker.runner_restarts = self.runners.restarts
+        self._warn_if_unplaceable()
         return True
+
+    def _warn_if_unplaceable(self) -> None:
+        """Say so when the nodes left cannot hold every env runner (a node went away): the
+        replacements wait, unseen in any error, until the cluster has room again."""
+        import ray
+
+        try:
+            problem = placement_problem(
+                ray.nodes(),
+                ray.get_runtime_context().get_node_id(),
+                self._demand,
+                reserved_node(self._learner_pg),
+            )
+        except Exception:  # noqa: BLE001 (a warning must never cost the run)
+            logger.debug("placement check after a lost runner failed", exc_info=True)
+            return
+        if problem is not None:
+            logger.warning(
+                "%s; the replacement env runners wait until a node has room (training goes on "
+                "with the runners that are placed)",
+                problem.replace("the cluster cannot place the run: ", "after a lost node, "),
+            )
 
     def _cancel(self, handles: list[Any]) -> None:
         import ray
@@ -187,22 +272,13 @@ class RayRuntime(Runtime):
             self.runners.close()
         if getattr(self, "learners", None) is not None:
             self.learners.close()
+        if getattr(self, "_learner_pg", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._learner_pg)
+            self._learner_pg = None
         if getattr(self, "_started_ray", False):
             ray.shutdown()
-
-
-def _keep_ray_on_loopback() -> None:
-    """Make a locally started Ray instance listen on 127.0.0.1 only.
-
-    Ray 2.60 on Linux replaces a 127.0.0.1 node address with the machine's routable one (and
-    its servers then listen on every interface) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
-    Ray reads that variable once, at import, so the already imported constant is set too; the
-    processes Ray starts inherit the variable.
-    """
-    import ray._private.ray_constants as ray_constants
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _cluster_has_gpu() -> bool:

@@ -410,7 +410,7 @@ def test_ray_places_vllm_on_a_gpu_actor_and_its_annotator_uses_it(
     from oni_sys.runtime.ray_actors import AnnotatorActor
     from oni_sys.runtime.vllm_server import RayVLLMServer
 
-    with pytest.raises(RuntimeError, match="needs 2 CUDA GPU.*found 1"):
+    with pytest.raises(RuntimeError, match=r"needs 2 GPU\(s\) on one Ray node.*has is 1;"):
         RayVLLMServer("fake/model", tensor_parallel_size=2)
 
     server = RayVLLMServer("fake/model", startup_timeout_s=60)
@@ -429,3 +429,44 @@ def test_ray_places_vllm_on_a_gpu_actor_and_its_annotator_uses_it(
     ray.get(actor.close.remote(), timeout=120)
     assert _gone(int(pid_file.name))
     ray.kill(actor)
+
+
+def test_vllm_goes_to_the_node_with_free_gpus_not_the_annotators(
+    fake_vllm: Path, ray_cluster
+) -> None:
+    """On a cluster whose driver node has no GPU, RayVLLMServer reserves the GPU node's GPU
+    (a STRICT_PACK placement group), vLLM listens on that node's address (127.0.0.1 here, every
+    node being on loopback) and stop() frees the reservation; GPUs already reserved, or more
+    GPUs than any node has, are refused with one sentence instead of a wait."""
+    import ray
+    from ray.util import placement_group_table
+
+    from oni_sys.runtime.vllm_server import RayVLLMServer
+
+    cluster = ray_cluster(num_cpus=1)  # the driver's node: no GPU
+    gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.assert_loopback_only()
+
+    server = RayVLLMServer("fake/model", startup_timeout_s=60, placement_timeout_s=30)
+    try:
+        assert server.node_id() == gpu_node.node_id != ray.get_runtime_context().get_node_id()
+        served = _models(server.base_url)
+        assert served["cuda"] == "0"  # the reserved GPU
+        host = served["argv"][served["argv"].index("--host") + 1]
+        assert host == "127.0.0.1" and server.base_url.startswith(f"http://{host}:")
+        pg_id = server._pg.id.hex()
+        assert placement_group_table()[pg_id]["strategy"] == "STRICT_PACK"
+        assert placement_group_table()[pg_id]["bundles"] == {0: {"GPU": 1.0, "CPU": 1.0}}
+        with pytest.raises(RuntimeError) as taken:  # the only GPU is reserved already
+            RayVLLMServer("fake/model", placement_timeout_s=1)
+        assert "could not reserve 1 free GPU(s) on one node for vllm within 1 s" in str(taken.value)
+        assert _one_sentence(str(taken.value))
+        with pytest.raises(RuntimeError) as too_many:
+            RayVLLMServer("fake/model", tensor_parallel_size=2)
+        assert _one_sentence(str(too_many.value)) and "the most any live node has is 1" in str(
+            too_many.value
+        )
+    finally:
+        server.stop()
+    assert placement_group_table()[pg_id]["state"] == "REMOVED"

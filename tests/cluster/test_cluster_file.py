@@ -63,3 +63,42 @@ def test_ray_launcher_accepts_it(cluster):
     config = prepare_config(json.loads(json.dumps(cluster)))
     validate_config(config)
     assert config["head_node_type"] == cluster["head_node_type"]
+
+
+def test_the_documented_submit_fits_the_node_types(cluster):
+    """The run of docs/CLUSTER.md (learner on the head, 16 runners on a CPU worker, annotator and
+    reward learner beside the driver, vLLM on the GPU worker) passes oni-sys's start check on
+    the head, one CPU worker and the vLLM worker; without the GPU worker, vLLM has no room."""
+    from oni_sys.config import load_config
+    from oni_sys.runtime.placement import demand_of, placement_problem
+
+    types = cluster["available_node_types"]
+    head_type = cluster["head_node_type"]
+    vllm_types = [n for n, t in types.items() if n != head_type and t["resources"].get("GPU")]
+    assert len(vllm_types) == 1, "one GPU worker node type, for vLLM"
+    assert types[vllm_types[0]].get("min_workers", 0) == 0, "only vllm runs need the GPU worker"
+    cpu_types = [n for n in types if n not in (head_type, *vllm_types)]
+
+    def nodes(*names):
+        return [
+            {"NodeID": f"{i:056x}", "Alive": True, "Resources": dict(types[n]["resources"])}
+            for i, n in enumerate(names)
+        ]
+
+    cfg = load_config(
+        "configs/nethack_score.yaml",
+        [
+            "runtime.kind=ray",
+            "runtime.num_env_runners=16",
+            "runtime.learner_resources={learner_node: 1}",
+            "runtime.env_runner_resources={runner_node: 1}",
+            "reward.kind=hashing",
+            "annotator.backend=vllm",
+            "annotator.model=m",
+        ],
+    )
+    demand = demand_of(cfg, 1.0, annotator_enabled=True, reward_enabled=True)
+    driver = f"{0:056x}"
+    assert placement_problem(nodes(head_type, cpu_types[0], vllm_types[0]), driver, demand) is None
+    problem = placement_problem(nodes(head_type, cpu_types[0]), driver, demand)
+    assert "vLLM" in problem and "no live node has a free GPU" in problem
