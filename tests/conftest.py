@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from loopback_sockets import listening
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,17 +45,6 @@ def cli(tmp_path):
 
 
 # -- a multi-node Ray cluster on one machine ------------------------------------------------------
-def _decode_address(hex_addr: str) -> str:
-    import socket
-
-    raw = bytes.fromhex(hex_addr)
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    return socket.inet_ntop(  # IPv6: four 32-bit words, each in host order
-        socket.AF_INET6, b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-    )
-
-
 def _descendants(pids: set[int]) -> set[int]:
     parent = {}
     for entry in os.listdir("/proc"):
@@ -72,31 +62,6 @@ def _descendants(pids: set[int]) -> set[int]:
                 out.add(pid)
                 grew = True
     return out
-
-
-def listening(pids: set[int]) -> list[tuple[int, str, int]]:
-    """(pid, address, port) of every TCP socket in LISTEN state held by one of ``pids``."""
-    owner = {}
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                owner[link[len("socket:[") : -1]] = pid
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in owner:  # 0A: LISTEN
-                addr, port = fields[1].rsplit(":", 1)
-                found.append((owner[fields[9]], _decode_address(addr), int(port, 16)))
-    return found
 
 
 class LoopbackCluster:

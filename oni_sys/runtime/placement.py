@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oni_sys.config import Config
-from oni_sys.runtime.vllm_server import vllm_bundles
 
 logger = logging.getLogger(__name__)
 
@@ -312,9 +311,16 @@ def check_cluster(
     )
 
 
+def vllm_bundles(tensor_parallel_size: int) -> list[dict[str, float]]:
+    """The reservation for ``vllm serve``: its GPUs and the CPU of the actor that runs it, as one
+    bundle (one process must see all its GPUs)."""
+    return [{"GPU": float(tensor_parallel_size), "CPU": 1.0}]
+
+
 def reserve(shape: dict[str, float], what: str, timeout_s: float) -> Any:
-    """A ready placement group of one bundle ``shape`` (the resources ``what`` asks for, on one
-    node); raises :class:`ClusterTooSmall` if Ray cannot make it within ``timeout_s``."""
+    """A ready ``STRICT_PACK`` placement group of one bundle ``shape`` (the resources ``what``
+    asks for, on one node); raises :class:`ClusterTooSmall` if Ray cannot make it within
+    ``timeout_s`` (the learner's share, reserved first, is never given to anything else)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -324,8 +330,8 @@ def reserve(shape: dict[str, float], what: str, timeout_s: float) -> Any:
         remove_placement_group(pg)
         raise ClusterTooSmall(
             f"the cluster cannot place the run: Ray could not reserve {_describe(_positive(shape))} on one "
-            f"node for {what} within {timeout_s:g} s, although a node has them: other jobs hold "
-            "them (`ray status` shows the demand)"
+            f"node for {what} within {timeout_s:g} s, although a node has them: other actors or jobs "
+            "hold them (`ray status` shows the demand)"
         )
     return pg
 

@@ -36,6 +36,7 @@ from oni_sys.annotators.vllm_backend import (
     require_gpus,
     require_vllm_package,
 )
+from oni_sys.runtime.placement import reserve, vllm_bundles
 from oni_sys.runtime.ray_local import keep_ray_on_loopback
 
 logger = logging.getLogger(__name__)
@@ -60,29 +61,6 @@ def require_gpus_on_a_node(tensor_parallel_size: int, most: int) -> None:
             f"has is {most}; add a GPU node (docs/CLUSTER.md) or use annotator.backend=llamacpp "
             "or openai."
         )
-
-
-def vllm_bundles(tensor_parallel_size: int) -> list[dict[str, float]]:
-    """The reservation for ``vllm serve``: its GPUs and the CPU of the actor that runs it."""
-    return [{"GPU": float(tensor_parallel_size), "CPU": 1.0}]
-
-
-def reserve_gpus(tensor_parallel_size: int, timeout_s: float) -> Any:
-    """A ready ``STRICT_PACK`` placement group of :func:`vllm_bundles`; raises
-    :class:`RuntimeError` (one sentence) if Ray cannot make it within ``timeout_s`` seconds."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    pg = placement_group(vllm_bundles(tensor_parallel_size), strategy="STRICT_PACK")
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if not ready:
-        remove_placement_group(pg)
-        raise RuntimeError(
-            f"Ray could not reserve {tensor_parallel_size} free GPU(s) on one node for vllm "
-            f"within {timeout_s:g} s: other actors hold them (the learner's GPU is never free "
-            "for vLLM); `ray status` shows who uses what."
-        )
-    return pg
 
 
 class NodeVLLMProcess(VLLMProcess):
@@ -136,7 +114,11 @@ class RayVLLMServer:
         require_gpus_on_a_node(tensor_parallel_size, most_gpus_on_a_node())
         self.model = model
         self._actor: Any = None
-        self._pg: Any = reserve_gpus(tensor_parallel_size, placement_timeout_s)
+        self._pg: Any = reserve(
+            vllm_bundles(tensor_parallel_size)[0],
+            f"vllm (annotator.tensor_parallel_size={tensor_parallel_size})",
+            placement_timeout_s,
+        )
         try:
             self._actor = (
                 ray.remote(NodeVLLMProcess)

@@ -460,7 +460,8 @@ def test_vllm_goes_to_the_node_with_free_gpus_not_the_annotators(
         assert placement_group_table()[pg_id]["bundles"] == {0: {"GPU": 1.0, "CPU": 1.0}}
         with pytest.raises(RuntimeError) as taken:  # the only GPU is reserved already
             RayVLLMServer("fake/model", placement_timeout_s=1)
-        assert "could not reserve 1 free GPU(s) on one node for vllm within 1 s" in str(taken.value)
+        assert "could not reserve 1 GPU and 1 CPU on one node for vllm" in str(taken.value)
+        assert "within 1 s" in str(taken.value)
         assert _one_sentence(str(taken.value))
         with pytest.raises(RuntimeError) as too_many:
             RayVLLMServer("fake/model", tensor_parallel_size=2)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from loopback_sockets import listening  # tests/ is on sys.path (its conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -137,48 +138,8 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _decode_address(hex_addr: str) -> str:
-    raw = bytes.fromhex(hex_addr)
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    # IPv6: four 32-bit words, each in host (little-endian) order.
-    return socket.inet_ntop(
-        socket.AF_INET6, b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-    )
-
-
-def _listening(pids: set[int]) -> list[tuple[int, str, int]]:
-    """(pid, address, port) of every TCP socket in LISTEN state that one of ``pids`` holds."""
-    owner = {}
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                owner[link[len("socket:[") : -1]] = pid
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and inode in owner:  # 0A: LISTEN
-                addr, port = local.rsplit(":", 1)
-                found.append((owner[inode], _decode_address(addr), int(port, 16)))
-    return found
-
-
 def _assert_loopback_only(marker: str) -> None:
-    listeners = _listening(_head_pids(marker))
+    listeners = listening(_head_pids(marker))
     assert listeners, "found no listening sockets of the Ray head (is /proc readable?)"
     exposed = [
         (pid, addr, port)
