@@ -42,20 +42,28 @@ class ProgressBar:
     """A live progress line: steps/total, steps per second, episodes, mean return, policy lag."""
 
     def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.bar: Any = None  # shown by start(), once the run has started
+
+    def start(self, done: int) -> None:
+        """Show the line, at ``done`` steps (a failed start shows none: only its error)."""
         from tqdm import tqdm
 
         interactive = sys.stderr.isatty()
         self.bar = tqdm(
-            total=total,
+            total=self.total,
+            initial=done,
             unit="step",
             unit_scale=True,
-            disable=not enabled,
+            disable=not self.enabled,
             mininterval=0.5 if interactive else 30.0,
             dynamic_ncols=True,
             file=sys.stderr,
         )
 
     def __call__(self, row: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
         self.bar.n = min(int(row["env_steps"]), self.bar.total)
         self.bar.set_postfix_str(
             f"sps={_fmt(row['sps'], '.0f')} episodes={row['episodes']} "
@@ -87,7 +95,8 @@ class ProgressBar:
 
     def close(self) -> None:
         """Leave the final line on the console."""
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -101,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     runtime = make_runtime(cfg, bar)
     try:
         runtime.setup()
-        bar.bar.n = runtime.tracker.env_steps
+        bar.start(runtime.tracker.env_steps)
         logger.info("run directory: %s", runtime.run_path)
         try:
             run_dir = runtime.run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from oni_sys.config import ConfigError, load_config
 
@@ -65,6 +66,8 @@ def test_every_error_reported_at_once():
         ("annotator.base_url=not-a-url", "not an http(s) URL with a host"),
         ("annotator.base_url=ftp://127.0.0.1/v1", "not an http(s) URL with a host"),
         ("annotator.base_url=http://127.0.0.1:99999/v1", "Port out of range"),
+        # Found only once the env was built, with a traceback, before.
+        ("env.kwargs={nonsense_kw: 1}", "env: gym:CartPole-v1 could not be built"),
     ],
 )
 def test_cli_exits_2_with_one_line(cli, override, needle, tmp_path):
@@ -189,3 +192,28 @@ def test_role_resources_are_validated():
     assert err == "runtime.env_runner_resources.fast: True is out of range; it must be a number > 0"
     (err,) = _errors(["runtime.learner_resources=[a]"])
     assert err == "runtime.learner_resources: expected a mapping, got ['a']"
+
+
+def test_directories_that_cannot_be_created_stop_the_run_before_it_starts(cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = cli(
+        "train",
+        "configs/cartpole.yaml",
+        f"runs_dir={blocker}/runs",
+        "annotator.enabled=true",
+        f"annotator.store={blocker}/labels/labels.sqlite",
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert lines[0].startswith("config error: runs_dir: ") and "is not a directory" in lines[0]
+    assert lines[1].startswith("config error: annotator.store: ") and str(blocker) in lines[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_stops_the_run_before_it_starts(cli, tmp_path):
+    result = cli("train", "configs/cartpole.yaml", "runtime.device=cuda", f"runs_dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "runtime.device: cuda was asked for" in result.stderr
+    assert not any(tmp_path.iterdir())

@@ -16,6 +16,7 @@ from oni_sys.atomic_io import atomic_write_bytes
 from oni_sys.config import Config
 from oni_sys.contracts import FragmentSummary
 from oni_sys.reward_report import REWARD_TABLE
+from oni_sys.runtime.checks import check_before_start
 from oni_sys.runtime.run_dir import RunDirectory, load_checkpoint, resolve_run_dir
 from oni_sys.runtime.tracker import Reporter, Tracker
 
@@ -42,10 +43,15 @@ class Runtime:
     def setup(self) -> None:
         """Create the run directory and the roles; restore the latest checkpoint on resume.
 
-        When the run needs labels, the annotator answers one real question before any env is
+        First, before anything is written, one env is built and the device and the directories
+        to write are checked (:func:`~oni_sys.runtime.checks.check_before_start`): a problem
+        raises :class:`~oni_sys.config.ConfigError`.
+
+        When the run needs labels, the annotator answers one real question before the roles are
         built; if it cannot, :class:`AnnotatorUnavailable` is raised and nothing trains (a fresh
         run's directory is removed again).
         """
+        self.env_interface = check_before_start(self.cfg, self.annotator_enabled)
         self.run_path, resuming = resolve_run_dir(self.cfg)
         try:
             self.checkpoint = load_checkpoint(self.run_path) if resuming else None

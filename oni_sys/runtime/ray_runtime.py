@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from oni_sys.actors.env_runner import probe_env
 from oni_sys.runtime.actor_manager import ActorManager
 from oni_sys.runtime.base import Runtime
 from oni_sys.runtime.placement import (
@@ -100,7 +99,7 @@ class RayRuntime(Runtime):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         rt = self.cfg.runtime
-        probe = probe_env(self.cfg)
+        probe = self.env_interface  # read from one env before the run started
         learner_cls = ray.remote(LearnerActor).options(
             num_cpus=rt.learner_cpus,
             num_gpus=self._learner_gpus(),

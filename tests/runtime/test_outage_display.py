@@ -33,6 +33,7 @@ def test_curves_png_marks_the_outages(tmp_path):
 
 def test_progress_line_says_the_annotator_is_down(capsys):
     bar = ProgressBar(10_000, enabled=True)
+    bar.start(0)
     row = {
         "env_steps": 3000,
         "sps": 900.0,

@@ -46,6 +46,7 @@ def _table_rows(stdout: str) -> list[list[str]]:
 def test_the_trap_is_reported_as_reward_hacking(train, caplog, kind):
     caplog.set_level(logging.WARNING, logger="oni_sys")
     bar = ProgressBar(50_000, enabled=True)
+    bar.start(0)
     try:
         runtime, run_dir, rows = train(
             "configs/vault.yaml",
