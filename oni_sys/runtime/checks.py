@@ -22,6 +22,8 @@ def check_before_start(cfg: Config, annotator_enabled: bool) -> EnvInterface:
     interface = None
     try:
         interface = probe_env(cfg)
+    except ConfigError:
+        raise  # already one sentence per problem (e.g. model.policy_groups)
     except Exception as exc:  # noqa: BLE001 (any error of a user's env, reported in one line)
         reason = (str(exc).strip().splitlines() or [""])[0][:300]
         errors.append(

@@ -104,8 +104,15 @@ def test_policy_groups_give_each_group_its_own_network():
         ("{x: [player_1, player_2], o: [player_2]}", "'player_2' is in more than one group"),
     ],
 )
-def test_bad_policy_groups_are_reported(cli, groups, message):
+def test_bad_policy_groups_are_reported(cli, groups, message, tmp_path):
     result = cli(
-        "train", "configs/cartpole.yaml", TICTACTOE, f"model.policy_groups={groups}", "name=g"
+        "train",
+        "configs/cartpole.yaml",
+        TICTACTOE,
+        f"model.policy_groups={groups}",
+        f"runs_dir={tmp_path}",
     )
     assert result.returncode == 2 and message in result.stderr, result.stderr[-1500:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: model.policy_groups"), lines
+    assert not any(tmp_path.iterdir())  # checked before the run directory exists
