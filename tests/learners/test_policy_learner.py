@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from state_equality import assert_equal_state  # tests/state_equality.py
 
 from oni_sys.actors.env_runner import EnvRunner
 from oni_sys.config import load_config
@@ -192,24 +193,6 @@ def _optimizer_cpu(learner: PolicyLearner) -> dict:
     return cpu_copy(learner.optimizer.state_dict())
 
 
-def _assert_equal_state(a, b, path: str = "") -> None:
-    """Nested equality, tensors compared exactly (both on the CPU)."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for key in a:
-            _assert_equal_state(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_equal_state(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.device == b.device and torch.equal(a, b), path
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b), path
-    else:
-        assert a == b, path
-
-
 def test_saved_checkpoint_holds_only_cpu_tensors(tmp_path):
     """Weights, Adam's moments and steps, the RNG and the reward learner's model: all on the
     CPU in the file as written (read back without map_location), whatever the learner's device
@@ -245,7 +228,7 @@ def test_saved_checkpoint_holds_only_cpu_tensors(tmp_path):
         t for p, t in found.items() if p.startswith(".learner.state.optimizer") and "step" in p
     ]
     assert steps and all(int(t) == 2 * 2 * 2 for t in steps)  # 2 updates x 2 epochs x 2 minibatches
-    _assert_equal_state(load_checkpoint(tmp_path), saved)
+    assert_equal_state(load_checkpoint(tmp_path), saved)
 
 
 def test_checkpoint_round_trip_continues_identically(tmp_path):
@@ -263,24 +246,24 @@ def test_checkpoint_round_trip_continues_identically(tmp_path):
 
     stats = learner.learn(batch)
     # The state is a copy: the update just made did not move the moments or steps it holds.
-    _assert_equal_state(state["optimizer"], loaded["optimizer"])
-    _assert_equal_state(state["model"], loaded["model"])
+    assert_equal_state(state["optimizer"], loaded["optimizer"])
+    assert_equal_state(state["model"], loaded["model"])
 
     resumed = PolicyLearner(cfg, runner.interface)
     resumed.load_state_dict(loaded)
-    _assert_equal_state(resumed.get_weights(), loaded["model"])
-    _assert_equal_state(_optimizer_cpu(resumed), loaded["optimizer"])
+    assert_equal_state(resumed.get_weights(), loaded["model"])
+    assert_equal_state(_optimizer_cpu(resumed), loaded["optimizer"])
     assert resumed.version == loaded["version"]
     resumed_stats = resumed.learn(batch)
 
-    _assert_equal_state(resumed.get_weights(), learner.get_weights())
-    _assert_equal_state(_optimizer_cpu(resumed), _optimizer_cpu(learner))
+    assert_equal_state(resumed.get_weights(), learner.get_weights())
+    assert_equal_state(_optimizer_cpu(resumed), _optimizer_cpu(learner))
     timings = ("learn_time", "reward_time")
     assert {k: v for k, v in resumed_stats.items() if k not in timings} == {
         k: v for k, v in stats.items() if k not in timings
     }
     # Loading did not tie the resumed optimizer to the caller's tensors.
-    _assert_equal_state(
+    assert_equal_state(
         loaded["optimizer"], torch.load(tmp_path / "learner.pt", weights_only=False)["optimizer"]
     )
 
@@ -307,8 +290,8 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path, caplog):
         stats = learner.learn([_with_nan_reward(runner.sample())])
         assert stats["trained"] == 1 and stats["nonfinite_updates_skipped"] == 1
         assert learner.nonfinite_updates_skipped == 1
-        _assert_equal_state(learner.get_weights(), weights)
-        _assert_equal_state(_optimizer_cpu(learner)["state"], adam["state"])  # lr anneals
+        assert_equal_state(learner.get_weights(), weights)
+        assert_equal_state(_optimizer_cpu(learner)["state"], adam["state"])  # lr anneals
         tracker.on_update(stats)
         runner.set_weights(learner.get_weights(), learner.version)
         stats = learner.learn([_with_nan_reward(runner.sample())])  # still failing: no new line
@@ -362,8 +345,8 @@ def test_cuda_checkpoint_evaluates_on_cpu_and_resumes_on_cuda(tmp_path):
     on_cpu = PolicyLearner(cpu_cfg, runner.interface)
     on_cpu.load_state_dict(ckpt["learner"]["state"])
     assert on_cpu.version == learner.version
-    _assert_equal_state(on_cpu.get_weights(), learner.get_weights())
-    _assert_equal_state(_optimizer_cpu(on_cpu), _optimizer_cpu(learner))
+    assert_equal_state(on_cpu.get_weights(), learner.get_weights())
+    assert_equal_state(_optimizer_cpu(on_cpu), _optimizer_cpu(learner))
     fragment = runner.sample()
     np.testing.assert_allclose(
         _replay_logp(on_cpu, fragment), _replay_logp(learner, fragment), atol=1e-4

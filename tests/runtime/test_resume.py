@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from state_equality import assert_equal_state  # tests/state_equality.py
 
 from oni_sys.config import load_config
 from oni_sys.runtime import make_runtime
@@ -98,24 +98,6 @@ def test_ctrl_c_checkpoints_then_resume(tmp_path):
     assert [r["env_steps"] for r in rows] == sorted({r["env_steps"] for r in rows})
 
 
-def _assert_same(saved, restored, path="reward"):
-    """Recursive equality of nested dicts/lists of tensors, arrays and plain values."""
-    if isinstance(saved, dict):
-        assert set(saved) == set(restored), path
-        for key in saved:
-            _assert_same(saved[key], restored[key], f"{path}.{key}")
-    elif isinstance(saved, (list, tuple)):
-        assert len(saved) == len(restored), path
-        for i, (a, b) in enumerate(zip(saved, restored, strict=True)):
-            _assert_same(a, b, f"{path}[{i}]")
-    elif isinstance(saved, torch.Tensor):
-        assert torch.equal(saved, restored), path
-    elif isinstance(saved, np.ndarray):
-        assert np.array_equal(saved, restored), path
-    else:
-        assert saved == restored, path
-
-
 def restored_version(runtime) -> int:
     return runtime.reward_learner.state_dict()["model"]["version"]
 
@@ -146,7 +128,7 @@ def test_resume_continues_the_reward_model(tmp_path):
     restored = second.reward_learner.state_dict()
     # Publishing the restored model makes one new snapshot version; everything else is as saved.
     assert restored["model"].pop("version") == saved["model"].pop("version") + 1
-    _assert_same(saved, restored)
+    assert_equal_state(saved, restored, "reward")
     # The policy learner starts from the restored snapshot, not from the all-zero version 0.
     assert second.learner.intrinsic.snapshot_version == restored_version(second) > 1
     second.run()
