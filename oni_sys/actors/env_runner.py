@@ -211,7 +211,6 @@ class EnvRunner:
         actions, logp, state_out = self.policy.act(
             obs, state_in, first, self.generator, deterministic
         )
-        a = b.arrays
         if record:
             rows = b.count[slots]
             b.ensure_row(int(rows.max()))
