@@ -1,7 +1,13 @@
 """Command line: ``oni-sys train CONFIG [key=value ...]`` and ``oni-sys eval RUN_DIR [key=value ...]``.
 
 The CLI owns the console: logging format, the progress bar, and exit codes (2 for bad input, and
-for a Ray cluster that cannot hold the run; 3 for an annotator that cannot answer).
+for a Ray cluster that cannot hold the run; 3 for an annotator that cannot answer; 1 for an
+unexpected error, 130 for Ctrl-C).
+
+An unexpected exception ends in one ``error:`` line on the console. Its traceback goes to the
+run's ``train.log`` once the run has started (every log line of the driver goes there too), or to a
+``oni-sys-error-*.log`` file in the temporary directory before that; the line names the file.
+``--debug`` prints the traceback on the console as well.
 """
 
 from __future__ import annotations
@@ -10,6 +16,9 @@ import argparse
 import logging
 import math
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +28,19 @@ logger = logging.getLogger("oni_sys")
 
 #: exit code when the annotator a run needs cannot answer (at start, or for too long)
 EXIT_ANNOTATOR = 3
+#: exit code of an unexpected error (a bug, or a failure no check foresaw)
+EXIT_UNEXPECTED = 1
+#: the driver's log in a run directory (all its log lines, and the traceback of a crash)
+TRAIN_LOG = "train.log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 USAGE = """oni-sys train CONFIG [key=value ...]     train (e.g. oni-sys train configs/cartpole.yaml algo.lr=3e-4)
 oni-sys eval RUN_DIR [key=value ...]     evaluate the latest checkpoint (e.g. episodes=10)
 oni-sys annotate FILE [key=value ...]    label captions (.txt: one a line, .jsonl: {"caption": ...})
 oni-sys labels STORE [--reference FILE]  summarise a label store, agreement with a reference
 oni-sys rewards RUN [--top N]            captions by intrinsic reward earned (reward hacking?)
-oni-sys doctor [key=value ...]           check versions, llama.cpp build, annotator, Ray, NLE, GPU"""
+oni-sys doctor [key=value ...]           check versions, llama.cpp build, annotator, Ray, NLE, GPU
+every command takes --debug: print the traceback of an unexpected error on the console too"""
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
@@ -108,8 +123,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     bar = ProgressBar(cfg.train.total_env_steps, cfg.train.progress)
     runtime = make_runtime(cfg, bar)
+    log_handler = None
     try:
         runtime.setup()
+        # The run has started: from here on the driver's log also goes to the run directory.
+        log_handler = logging.FileHandler(runtime.run_path / TRAIN_LOG)
+        log_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(log_handler)
+        args.crash_log = runtime.run_path / TRAIN_LOG
         bar.start(runtime.tracker.env_steps)
         logger.info("run directory: %s", runtime.run_path)
         try:
@@ -119,8 +140,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{exc}. The run stopped with a checkpoint; continue it with "
                 f"resume={runtime.run_path}"
             ) from None
+        except Exception:
+            if (runtime.run_path / "checkpoints" / "latest.pt").is_file():
+                args.resume_hint = f"resume={runtime.run_path}"
+            raise
     finally:
         bar.close()
+        if log_handler is not None:
+            logging.getLogger().removeHandler(log_handler)
+            log_handler.close()
     t = runtime.tracker
     print(
         f"run directory: {run_dir}\n"
@@ -274,44 +302,84 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(cfg)
 
 
+def report_unexpected(exc: BaseException, args: argparse.Namespace) -> int:
+    """One ``error:`` line for an exception nothing expected; the traceback goes to the run's
+    ``train.log`` (or a temporary file before a run exists) and, with ``--debug``, the console."""
+    text = "".join(traceback.format_exception(exc))
+    log_path = getattr(args, "crash_log", None)
+    try:
+        if log_path is not None:
+            with open(log_path, "a") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} unexpected error:\n{text}")
+        else:
+            fd, name = tempfile.mkstemp(prefix="oni-sys-error-", suffix=".log")
+            with open(fd, "w") as fh:
+                fh.write(f"oni-sys {' '.join(getattr(args, 'argv', []))}\n{text}")
+            log_path = name
+        where = f"the traceback is in {log_path}"
+    except OSError as write_error:
+        where = f"the traceback could not be written ({write_error}); --debug prints it"
+    if getattr(args, "debug", False):
+        print(text, end="", file=sys.stderr)
+    message = (str(exc).strip().splitlines() or [""])[0][:300]
+    hint = getattr(args, "resume_hint", None)
+    print(
+        f"error: unexpected {type(exc).__name__}"
+        + (f": {message}" if message else "")
+        + f" ({where}"
+        + (f"; the run stopped with a checkpoint, continue it with {hint}" if hint else "")
+        + ")",
+        file=sys.stderr,
+    )
+    return EXIT_UNEXPECTED
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``oni-sys`` console script."""
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", help="print the traceback of an unexpected error"
+    )
     parser = argparse.ArgumentParser(prog="oni-sys", usage=USAGE)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train a policy")
+    p_train = sub.add_parser("train", parents=[debug], help="train a policy")
     p_train.add_argument("config", help="YAML experiment file, e.g. configs/cartpole.yaml")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides")
     p_train.set_defaults(func=cmd_train)
-    p_eval = sub.add_parser("eval", help="evaluate a run's latest checkpoint")
+    p_eval = sub.add_parser("eval", parents=[debug], help="evaluate a run's latest checkpoint")
     p_eval.add_argument("run_dir", help="a run directory, e.g. runs/cartpole")
     p_eval.add_argument("overrides", nargs="*", help="episodes=N, deterministic=true, seed=N")
     p_eval.set_defaults(func=cmd_eval)
-    p_annotate = sub.add_parser("annotate", help="label a file of captions into a store")
+    p_annotate = sub.add_parser(
+        "annotate", parents=[debug], help="label a file of captions into a store"
+    )
     p_annotate.add_argument("file", help='captions: .txt (one a line) or .jsonl ({"caption": ...})')
     p_annotate.add_argument(
         "overrides", nargs="*", help="annotator keys, e.g. backend=rules store=labels.sqlite"
     )
     p_annotate.set_defaults(func=cmd_annotate)
-    p_labels = sub.add_parser("labels", help="summarise a label store")
+    p_labels = sub.add_parser("labels", parents=[debug], help="summarise a label store")
     p_labels.add_argument("store", help="a labels.sqlite file")
     p_labels.add_argument("--reference", help='JSONL of {"caption": ..., "label": 0|1}')
     p_labels.add_argument("--version", help="annotator version (default: every one stored)")
     p_labels.set_defaults(func=cmd_labels)
-    p_rewards = sub.add_parser("rewards", help="captions of a run by intrinsic reward earned")
+    p_rewards = sub.add_parser(
+        "rewards", parents=[debug], help="captions of a run by intrinsic reward earned"
+    )
     p_rewards.add_argument("run_dir", help="a run directory, e.g. runs/vault")
     p_rewards.add_argument("--top", default="20", help="how many captions (default 20)")
     p_rewards.set_defaults(func=cmd_rewards)
-    p_doctor = sub.add_parser("doctor", help="check what a run needs on this machine")
+    p_doctor = sub.add_parser(
+        "doctor", parents=[debug], help="check what a run needs on this machine"
+    )
     p_doctor.add_argument(
         "overrides", nargs="*", help="annotator keys as for annotate, e.g. backend=openai model=x"
     )
     p_doctor.set_defaults(func=cmd_doctor)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger().setLevel(logging.INFO)  # also when a host program set up logging
     from oni_sys.annotators.preflight import AnnotatorUnavailable
 
     try:
@@ -328,9 +396,14 @@ def main(argv: list[str] | None = None) -> int:
         from oni_sys.runtime.placement import ClusterTooSmall
 
         if not isinstance(exc, ClusterTooSmall):
-            raise
+            return report_unexpected(exc, args)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 (one readable line; the traceback goes to a file)
+        return report_unexpected(exc, args)
 
 
 if __name__ == "__main__":

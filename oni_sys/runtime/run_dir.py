@@ -2,6 +2,7 @@
 
 ``runs/<name>/``
     ``config.yaml``          the resolved config
+    ``train.log``            the driver's log (written by the CLI, ``oni_sys/cli.py``)
     ``metrics.jsonl``        one JSON object per logged update
     ``checkpoints/``         ``ckpt_<env_steps>.pt`` (the newest ``keep`` of them) and ``latest.pt``
     ``tb/``                  TensorBoard event files
