@@ -43,7 +43,7 @@ endif
 TRAIN_CONFIG ?= configs/oni/small/score_hashing.yaml
 TRAIN_ARGS   ?= name=oni_score_hashing train.total_env_steps=450000
 
-.PHONY: setup train test lint format bench clean FORCE
+.PHONY: setup train test lint format bench bench-sf clean FORCE
 
 setup: $(STAMP)
 
@@ -80,7 +80,12 @@ test: lint
 bench: setup
 	$(BIN)/python benchmarks/throughput.py
 
+# oni-sys against sample-factory 2.1.1 on NetHackScore, alternating runs (makes .venv-sf first:
+# sample-factory needs gymnasium 0.29 and numpy<2, so it cannot share .venv).
+bench-sf: setup
+	$(BIN)/python benchmarks/vs_sample_factory.py --default-network
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-sf build *.egg-info .pytest_cache .ruff_cache
 
 FORCE:
