@@ -18,3 +18,17 @@ def ray_head():
         pytest.skip("needs the venv's CLIs")
     with ray_head_running() as head:
         yield head
+
+
+@pytest.fixture
+def ray_head_and_worker():
+    """A head declaring ``learner_node: 1`` (3 CPUs) and one worker node declaring
+    ``runner_node: 2`` (2 CPUs), both on loopback on this machine, stopped after the test; see
+    ``tests/ray_head.py``."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    if not RAY.exists() or not ONI_SYS.exists():
+        pytest.skip("needs the venv's CLIs")
+    with ray_head_running(num_cpus=3, resources={"learner_node": 1}) as head:
+        head.add_worker(num_cpus=2, resources={"runner_node": 2})
+        yield head
