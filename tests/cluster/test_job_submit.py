@@ -173,13 +173,15 @@ def test_job_submit_oni_rules_on_two_nodes_then_labels_and_eval(ray_head_and_wor
     (worker_node,) = [n["node_id"] for n in nodes if not n["is_head_node"]]
     actors = _state(head, "actors")
     runner_nodes = [a["node_id"] for a in actors if a["class_name"] == "RunnerActor"]
-    assert runner_nodes == [worker_node] * 2, actors
+    assert runner_nodes == [worker_node] * 2, (
+        f"env runners ran on {runner_nodes}; worker node {worker_node}, head {head_node}"
+    )
     assert [a["node_id"] for a in actors if a["class_name"] == "LearnerActor"] == [head_node]
     for role in ("AnnotatorActor", "RewardLearnerActor"):
         assert [a["node_id"] for a in actors if a["class_name"] == role] == [head_node], role
 
     # From the submitting side: the label store is in the run directory and holds labels,
-    # positive ones among them (the welcome message of every new game matches the rules).
+    # positive ones among them (the rules match common NetHack messages, the welcome among them).
     labels = _oni_sys("labels", str(run_dir / "labels.sqlite"))
     assert labels.returncode == 0, labels.stderr
     counts = re.search(r"^labelled: (\d+) \(positive (\d+),", labels.stdout, re.M)
