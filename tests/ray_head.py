@@ -1,8 +1,8 @@
 """A Ray head started with ``ray start`` for the cluster tests (shared by tests/cluster/).
 
 The head is started with ``ray start``: loopback only, its own temp dir, free ports, token
-authentication with a token of its own. ``tests/cluster/conftest.py`` makes it the ``ray_head``
-fixture.
+authentication with a token of its own; worker nodes can join it (``RayHead.add_worker``).
+``tests/cluster/conftest.py`` makes it the ``ray_head`` and ``ray_head_and_worker`` fixtures.
 
 Teardown does not use ``ray stop``, which stops every Ray process of the user on the machine
 (another engineer's tests included). Every process the head starts inherits a marker
@@ -19,6 +19,11 @@ Findings these tests rely on (Ray 2.60, Linux):
   ``ray job`` client sends the token only when ``RAY_AUTH_MODE=token``: head and client both get
   ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` (a token written by the test, so
   ``~/.ray/auth_token`` is neither read nor created).
+* A worker node on this machine (``RayHead.add_worker``) cannot be started with ``ray start
+  --address``: under ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` it refuses, and without it it
+  replaces 127.0.0.1 by the routable address, where the GCS does not listen. A head on
+  127.0.0.2 does not help: for a node address other than 127.0.0.1, GCS and raylet listen on
+  all interfaces. So the worker node is started with Ray's ``Node`` class on 127.0.0.1.
 * ``--working-dir`` honours ``.gitignore`` (and always leaves out ``.git``, ``.venv``, ``venv``,
   ``__pycache__``), so no ``--runtime-env-json`` excludes are needed; checked on the package
   the head unpacked (tests/cluster/test_job_submit.py).
@@ -26,6 +31,7 @@ Findings these tests rely on (Ray 2.60, Linux):
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -49,6 +55,7 @@ RAY = BIN / "ray"
 ONI_SYS = BIN / "oni-sys"
 MARKER = "ONI_SYS_TEST_RAY_HEAD"
 NUM_WORKER_PORTS = 32
+OBJECT_STORE_BYTES = 200 << 20  # a worker node's object store (Ray's default: 30% of RAM)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -145,6 +152,7 @@ def assert_loopback_only(marker: str) -> None:
 class RayHead:
     env: dict[str, str]
     address: str  # the job API (dashboard) URL
+    gcs_address: str  # host:port of the GCS, which a worker node joins
     temp_dir: Path
     token: str
     marker: str
@@ -159,10 +167,75 @@ class RayHead:
             timeout=timeout,
         )
 
+    def add_worker(self, num_cpus: int, resources: dict[str, float]) -> None:
+        """Start a worker node on this machine that joins the head, with ``num_cpus`` CPUs, the
+        custom ``resources``, ports of its own, and the head's temp dir, token and marker (so
+        teardown stops it with the head). Returns once the node has registered with the head.
+
+        What ``ray start --address=<gcs> --resources=...`` does, without its command line:
+        ``ray start`` refuses a worker node under ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (what
+        keeps the head on loopback), and without that setting it replaces the address 127.0.0.1
+        by the machine's routable one, where this head's GCS does not listen. So the node is
+        started by :func:`_start_worker_node` in a process of its own, with Ray's ``Node`` class,
+        as ``ray start`` does after its checks (and as ``ray.cluster_utils.Cluster`` does),
+        on 127.0.0.1: every socket it listens on is on loopback (``assert_loopback_only``).
+        """
+        (
+            agent_http,
+            agent_grpc,
+            runtime_env_agent,
+            metrics_export,
+            node_manager,
+            object_manager,
+            *worker_ports,
+        ) = _free_ports(6 + NUM_WORKER_PORTS)
+        params = {
+            "gcs_address": self.gcs_address,
+            "node_ip_address": "127.0.0.1",
+            "num_cpus": num_cpus,
+            "num_gpus": 0,
+            "resources": resources,
+            "object_store_memory": OBJECT_STORE_BYTES,
+            "dashboard_agent_listen_port": agent_http,
+            "metrics_agent_port": agent_grpc,
+            "runtime_env_agent_port": runtime_env_agent,
+            "metrics_export_port": metrics_export,
+            "node_manager_port": node_manager,
+            "object_manager_port": object_manager,
+            "worker_port_list": ",".join(map(str, worker_ports)),
+            "temp_dir": str(self.temp_dir),
+            "include_log_monitor": False,  # the head's log monitor reads the shared session dir
+        }
+        started = subprocess.run(
+            [sys.executable, str(Path(__file__)), "worker-node", json.dumps(params)],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert started.returncode == 0, (
+            f"starting a worker node failed:\n{started.stdout}\n{started.stderr}"
+        )
+
+
+def _start_worker_node(params: dict) -> None:
+    """Start the processes of a worker node (raylet, dashboard agent, runtime env agent) and
+    return once the head knows the node; they outlive this process, as after ``ray start``."""
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    node = Node(RayParams(**params), head=False, shutdown_at_exit=False, spawn_reaper=False)
+    print(f"worker node {node.node_id} on {node.node_ip_address}")
+
 
 @contextmanager
-def ray_head_running() -> Iterator[RayHead]:
-    """Start a head (3 CPUs), yield it, and stop every process it started."""
+def ray_head_running(
+    num_cpus: int = 3, resources: dict[str, float] | None = None
+) -> Iterator[RayHead]:
+    """Start a head (``num_cpus`` CPUs, custom ``resources`` such as ``{"learner_node": 1}``),
+    yield it, and stop every process it started, and those of the worker nodes added to it
+    (:meth:`RayHead.add_worker`)."""
     # A short path: Ray's unix sockets live under it and must fit in 107 characters.
     base = Path(tempfile.mkdtemp(prefix="oni-ray-", dir="/tmp"))
     marker = uuid.uuid4().hex
@@ -204,6 +277,7 @@ def ray_head_running() -> Iterator[RayHead]:
     head = RayHead(
         env=env,
         address=f"http://127.0.0.1:{dashboard}",
+        gcs_address=f"127.0.0.1:{gcs}",
         temp_dir=temp_dir,
         token=token,
         marker=marker,
@@ -224,7 +298,8 @@ def ray_head_running() -> Iterator[RayHead]:
             f"--node-manager-port={node_manager}",
             f"--object-manager-port={object_manager}",
             f"--worker-port-list={','.join(map(str, worker_ports))}",
-            "--num-cpus=3",
+            f"--num-cpus={num_cpus}",
+            *([f"--resources={json.dumps(resources)}"] if resources else []),
             "--disable-usage-stats",
             f"--temp-dir={temp_dir}",
         )
@@ -235,3 +310,8 @@ def ray_head_running() -> Iterator[RayHead]:
         leftover = {p for p in _head_pids(marker) if _alive(p)}
         shutil.rmtree(base, ignore_errors=True)
         assert not leftover, f"Ray head processes survived teardown: {sorted(leftover)}"
+
+
+if __name__ == "__main__":  # python tests/ray_head.py worker-node '<RayParams as JSON>'
+    assert sys.argv[1] == "worker-node", sys.argv
+    _start_worker_node(json.loads(sys.argv[2]))

@@ -2,12 +2,18 @@
 
 A Ray head is started with ``ray start`` (the ``ray_head`` fixture, ``tests/ray_head.py``),
 CartPole training is submitted to it with ``ray job submit --working-dir <repo>``, and the run
-directory the job wrote is checked.
+directory the job wrote is checked. Then the same with a worker node (``ray_head_and_worker``)
+and an ONI run on NetHack with the rules annotator: the learner on the head, the env runners on
+the worker node, and ``oni-sys labels`` and ``oni-sys eval`` run on the run directory from the
+submitting side.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -93,3 +99,101 @@ def test_job_submit_trains_cartpole(ray_head):
 
     # The job's workers are gone or idle now; the head still listens on loopback only.
     assert_loopback_only(ray_head.marker)
+
+
+def _oni_sys(*args: str) -> subprocess.CompletedProcess:
+    """``oni-sys`` on the submitting side: this repository's code, as the job ran it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [str(ONI_SYS), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def _state(head, *args: str) -> list[dict]:
+    """Rows of ``ray list ... --detail --format json`` (Ray's state API, through the head)."""
+    listed = head.ray("list", *args, "--address", head.address, "--detail", "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    return json.loads(listed.stdout)
+
+
+ONI_STEPS = 2000
+RULES = "annotator.rules=[{pattern: '(?i)welcome|you see|door|gold|kill', label: 1}]"
+
+
+def test_job_submit_oni_rules_on_two_nodes_then_labels_and_eval(ray_head_and_worker):
+    head = ray_head_and_worker
+    runs = head.temp_dir.parent / "runs"
+    job_id = f"oni-sys-test-oni-{head.marker[:8]}"
+    submitted = head.ray(
+        "job",
+        "submit",
+        "--address",
+        head.address,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(ROOT),
+        "--",
+        str(ONI_SYS),
+        "train",
+        "configs/oni/small/score_hashing.yaml",
+        "annotator.backend=rules",
+        RULES,
+        "runtime.kind=ray",
+        "runtime.address=auto",
+        "runtime.learner_gpus=0",
+        "runtime.learner_resources={learner_node: 1}",
+        "runtime.env_runner_resources={runner_node: 1}",
+        "runtime.num_env_runners=2",
+        "env.num_envs=4",
+        "model.hidden_size=64",
+        f"train.total_env_steps={ONI_STEPS}",
+        "train.log_every_updates=2",
+        "train.progress=false",
+        f"runs_dir={runs}",
+        "name=oni",
+        timeout=900,
+    )
+    log = f"{submitted.stdout}\n{submitted.stderr}"
+    assert submitted.returncode == 0, f"ray job submit failed:\n{log[-6000:]}"
+    status = head.ray("job", "status", "--address", head.address, job_id)
+    assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, status.stdout
+
+    run_dir = runs / "oni"
+    rows = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
+    ]
+    assert rows and rows[-1]["env_steps"] >= ONI_STEPS
+    assert rows[-1]["labels_total"] > 0
+
+    # Where the roles ran (the state API keeps the actors of the finished job): every env
+    # runner on the worker node, the learner on the head, which declares learner_node.
+    nodes = _state(head, "nodes")
+    (head_node,) = [n["node_id"] for n in nodes if n["is_head_node"]]
+    (worker_node,) = [n["node_id"] for n in nodes if not n["is_head_node"]]
+    actors = _state(head, "actors")
+    runner_nodes = [a["node_id"] for a in actors if a["class_name"] == "RunnerActor"]
+    assert runner_nodes == [worker_node] * 2, (
+        f"env runners ran on {runner_nodes}; worker node {worker_node}, head {head_node}"
+    )
+    assert [a["node_id"] for a in actors if a["class_name"] == "LearnerActor"] == [head_node]
+    for role in ("AnnotatorActor", "RewardLearnerActor"):
+        assert [a["node_id"] for a in actors if a["class_name"] == role] == [head_node], role
+
+    # From the submitting side: the label store is in the run directory and holds labels,
+    # positive ones among them (the rules match common NetHack messages, the welcome among them).
+    labels = _oni_sys("labels", str(run_dir / "labels.sqlite"))
+    assert labels.returncode == 0, labels.stderr
+    counts = re.search(r"^labelled: (\d+) \(positive (\d+),", labels.stdout, re.M)
+    assert counts, labels.stdout
+    assert int(counts[1]) > 0 and int(counts[2]) > 0, labels.stdout  # labelled, positive
+
+    evaluated = _oni_sys("eval", str(run_dir), "episodes=1", "max_steps=200")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    stats = dict(line.split(": ", 1) for line in evaluated.stdout.splitlines() if ": " in line)
+    assert int(stats["episodes"]) == 1
+    assert int(stats["checkpoint_env_steps"]) >= ONI_STEPS
+    assert 1 <= float(stats["episode_length_mean"]) <= 200
+    float(stats["episode_return_mean"])  # a number
+
+    assert_loopback_only(head.marker)  # the worker node's sockets too
