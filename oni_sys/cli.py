@@ -281,6 +281,11 @@ def cmd_sweep_submit(args: argparse.Namespace) -> int:
 
     from oni_sys.runtime import sweep
 
+    # `--tasks Score runs_dir=/r`: the key=value after a list option are overrides, not tasks.
+    for option in ("tasks", "rewards"):
+        values = getattr(args, option) or []
+        args.overrides = [v for v in values if "=" in v] + args.overrides
+        setattr(args, option, [v for v in values if "=" not in v])
     name = args.name or datetime.now(timezone.utc).strftime("oni-sweep-%Y%m%d-%H%M%S")
     working_dir = Path(args.working_dir).resolve()
     if not (working_dir / "configs" / "oni").is_dir():

@@ -164,7 +164,7 @@ def test_an_incomplete_run_is_named_and_left_out(sweep_dir, tmp_path):
         ),
         (["sweep", "submit", "runs_dir=/r", "seed=3"], "seed: the sweep sets"),
         (
-            ["sweep", "submit", "runs_dir=/r", "--tasks", "Scor"],
+            ["sweep", "submit", "--tasks", "Scor", "runs_dir=/r"],
             "--tasks: unknown 'Scor'; allowed:",
         ),
         (["sweep", "submit", "runs_dir=/r", "--seeds", "0"], "--seeds: expected a positive count"),
