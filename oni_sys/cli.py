@@ -40,6 +40,7 @@ oni-sys annotate FILE [key=value ...]    label captions (.txt: one a line, .json
 oni-sys labels STORE [--reference FILE]  summarise a label store, agreement with a reference
 oni-sys rewards RUN [--top N]            captions by intrinsic reward earned (reward hacking?)
 oni-sys doctor [key=value ...]           check versions, llama.cpp build, annotator, Ray, NLE, GPU
+oni-sys sweep submit|status|table ...    ONI's comparison as Ray jobs, and its table (docs/CLUSTER.md)
 every command takes --debug: print the traceback of an unexpected error on the console too"""
 
 
@@ -302,6 +303,87 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(cfg)
 
 
+def cmd_sweep_submit(args: argparse.Namespace) -> int:
+    """Submit (or continue) a sweep: one Ray job per (task, reward, seed)."""
+    from datetime import datetime, timezone
+
+    from oni_sys.runtime import sweep
+
+    # `--tasks Score runs_dir=/r`: the key=value after a list option are overrides, not tasks.
+    for option in ("tasks", "rewards"):
+        values = getattr(args, option) or []
+        args.overrides = [v for v in values if "=" in v] + args.overrides
+        setattr(args, option, [v for v in values if "=" not in v])
+    name = args.name or datetime.now(timezone.utc).strftime("oni-sweep-%Y%m%d-%H%M%S")
+    working_dir = Path(args.working_dir).resolve()
+    if not (working_dir / "configs" / "oni").is_dir():
+        raise ConfigError(
+            [f"--working-dir: {working_dir} has no configs/oni/; give the repository root"]
+        )
+    planned = sweep.plan(
+        name=name,
+        tasks=args.tasks or list(sweep.TASKS),
+        rewards=args.rewards or list(sweep.REWARDS),
+        seeds=sweep.parse_seeds(args.seeds),
+        size=args.size,
+        overrides=args.overrides,
+        working_dir=working_dir,
+        oni_sys=args.oni_sys,
+        address=args.address,
+        max_concurrent=args.max_concurrent,
+    )
+    manifest = Path(args.manifest or Path("runs") / name / "sweep.json")
+    if manifest.exists():
+        previous = sweep.read_manifest(manifest)
+        if previous.plan_key() != planned.plan_key():
+            raise ConfigError(
+                [
+                    f"{manifest} holds a different sweep (other runs, overrides or size); "
+                    "choose another --name, or --manifest, or repeat the command that made it"
+                ]
+            )
+        previous.max_concurrent, previous.address = planned.max_concurrent, planned.address
+        planned = previous
+        print(f"continuing the sweep of {manifest}")
+    print(
+        f"sweep {name}: {len(planned.runs)} runs, at most {planned.max_concurrent} at once; manifest {manifest}"
+    )
+    try:
+        code = sweep.run_sweep(
+            planned, manifest, working_dir, wait=not args.no_wait, poll_s=args.poll_s
+        )
+    except KeyboardInterrupt:
+        sweep.write_manifest(manifest, planned)
+        print(
+            "stopped following the sweep; submitted jobs go on. Run the same command again to "
+            "continue submitting, or `oni-sys sweep status " + str(manifest) + "`"
+        )
+        return 130
+    print("\n".join(sweep.status_lines(planned, refresh=False)))
+    return code
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    """Status of a sweep's jobs."""
+    from oni_sys.runtime import sweep
+
+    planned = sweep.read_manifest(Path(args.manifest))
+    if args.address:
+        planned.address = args.address
+    print("\n".join(sweep.status_lines(planned)))
+    return 0
+
+
+def cmd_sweep_table(args: argparse.Namespace) -> int:
+    """One table from a sweep's run directories."""
+    from oni_sys.runtime.sweep_table import sweep_table
+
+    text, files = sweep_table(Path(args.source), Path(args.out) if args.out else None)
+    print(text, end="")
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def report_unexpected(exc: BaseException, args: argparse.Namespace) -> int:
     """One ``error:`` line for an exception nothing expected; the traceback goes to the run's
     ``train.log`` (or a temporary file before a run exists) and, with ``--debug``, the console."""
@@ -376,6 +458,65 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="annotator keys as for annotate, e.g. backend=openai model=x"
     )
     p_doctor.set_defaults(func=cmd_doctor)
+    p_sweep = sub.add_parser("sweep", help="ONI's comparison as Ray jobs, and its table")
+    sweep_sub = p_sweep.add_subparsers(dest="sweep_command", required=True)
+    p_submit = sweep_sub.add_parser(
+        "submit", parents=[debug], help="one Ray job per (task, reward, seed)"
+    )
+    p_submit.add_argument(
+        "--address", help="Ray job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)"
+    )
+    p_submit.add_argument(
+        "--tasks", nargs="+", help="default: Score Oracle StaircaseLvl3 StaircaseLvl4"
+    )
+    p_submit.add_argument(
+        "--rewards", nargs="+", help="default: none hashing classification ranking"
+    )
+    p_submit.add_argument(
+        "--seeds", default="3", help="N (seeds 0..N-1, default 3) or a list 0,1,2"
+    )
+    p_submit.add_argument(
+        "--size",
+        default="full",
+        help="full (configs/oni/, GPU cluster) or small (configs/oni/small/)",
+    )
+    p_submit.add_argument(
+        "--name", help="sweep name (default oni-sweep-<UTC time>): runs_dir/<name>/"
+    )
+    p_submit.add_argument(
+        "--max-concurrent", type=int, default=1, help="jobs running at once (default 1)"
+    )
+    p_submit.add_argument(
+        "--manifest", help="sweep manifest to write (default runs/<name>/sweep.json)"
+    )
+    p_submit.add_argument(
+        "--working-dir", default=".", help="repository root uploaded with each job (default .)"
+    )
+    p_submit.add_argument(
+        "--oni-sys",
+        default="oni-sys",
+        help="the command that runs oni-sys on the cluster (default oni-sys)",
+    )
+    p_submit.add_argument(
+        "--no-wait", action="store_true", help="submit what may run now and return"
+    )
+    p_submit.add_argument("--poll-s", type=float, default=10.0, help=argparse.SUPPRESS)
+    p_submit.add_argument(
+        "overrides", nargs="*", help="key=value for every run; runs_dir=/abs/path is required"
+    )
+    p_submit.set_defaults(func=cmd_sweep_submit)
+    p_status = sweep_sub.add_parser("status", parents=[debug], help="status of a sweep's jobs")
+    p_status.add_argument("manifest", help="sweep.json written by sweep submit")
+    p_status.add_argument("--address", help="Ray job API (default: the one in the manifest)")
+    p_status.set_defaults(func=cmd_sweep_status)
+    p_table = sweep_sub.add_parser(
+        "table", parents=[debug], help="one table from a sweep's run directories"
+    )
+    p_table.add_argument("source", help="sweep.json, or the sweep directory (runs_dir/<name>)")
+    p_table.add_argument(
+        "--out", help="where the CSVs and curves go (default: the sweep directory)"
+    )
+    p_table.set_defaults(func=cmd_sweep_table)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format=LOG_FORMAT, stream=sys.stderr)
