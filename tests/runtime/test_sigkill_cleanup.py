@@ -173,14 +173,15 @@ def test_a_sigkilled_driver_leaves_no_process_behind(tmp_path):
 def test_a_finished_run_leaves_no_process_behind_and_says_nothing_about_it(tmp_path):
     driver = start_training(tmp_path, total_steps=3000)
     recorded: set[Proc] = set()
+    session = None
     try:
         while driver.poll() is None:  # every process the run had at some point
             recorded |= descendants(driver.pid)
+            session = session or session_dir_of(driver.pid, recorded)
             time.sleep(0.2)
         log = (tmp_path / "driver.log").read_text()
         assert driver.returncode == 0, log[-3000:]
-        session = session_dir_of(driver.pid, recorded)
-        assert session is not None, f"no Ray session of the driver among: {describe(recorded)}"
+        assert session is not None, f"no Ray session of the driver among: {len(recorded)} pids"
         left = survivors(recorded, session)
         assert not left, f"alive {GONE_WITHIN_S:.0f} s after a normal exit: {describe(left)}"
         assert "oni-sys ray reaper" not in log, log[-3000:]
@@ -189,3 +190,50 @@ def test_a_finished_run_leaves_no_process_behind_and_says_nothing_about_it(tmp_p
             driver.kill()
             driver.wait()
         kill_leftovers(recorded)
+
+
+@pytest.mark.slow
+def test_a_driver_that_joined_a_cluster_stops_none_of_it_when_killed(tmp_path):
+    from ray_head import ray_head_running  # tests/ is on sys.path (tests/conftest.py)
+
+    with ray_head_running() as head:
+        # the head's own processes (gcs_server, raylet, agents...), which write under its temp
+        # dir; not its workers, which Ray itself starts and ends as jobs come and go
+        head_procs = {
+            p
+            for p in naming_session(str(head.temp_dir))
+            if not re.search(r"ray::IDLE|default_worker\.py", _cmdline(p[0]))
+        }
+        gcs = re.search(r"--gcs_server_port=(\d+)", " ".join(_cmdline(p) for p, _ in head_procs))
+        assert gcs, f"no gcs_server among the head's processes: {describe(head_procs)}"
+        driver = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "oni_sys.cli",
+                "train",
+                "configs/cartpole.yaml",
+                "runtime.kind=ray",
+                f"runtime.address=127.0.0.1:{gcs.group(1)}",
+                f"runs_dir={tmp_path / 'runs'}",
+                "train.total_env_steps=1000000000",
+                "train.log_every_updates=1",
+                "train.progress=false",
+                "train.tensorboard=false",
+            ],
+            cwd=REPO,
+            env=head.env,
+            stdout=(tmp_path / "driver.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_training(driver, tmp_path)
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+            time.sleep(GONE_WITHIN_S / 2)  # what a reaper would have stopped by now
+            gone = {p for p in head_procs if not _alive(p)}
+            assert not gone, f"the head lost processes with the driver: {describe(gone)}"
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
