@@ -1,5 +1,6 @@
 """A driver that started its own Ray instance leaves no process behind: not when it is SIGKILLed
-in the middle of training, and not when it finishes normally.
+in the middle of training, and not when it finishes normally. A driver that joined a cluster
+stops none of the cluster's processes when it is SIGKILLed.
 
 Real runs of ``oni-sys train`` as subprocesses; the processes are found through /proc (Linux
 only). A process belongs to the run when it descended from the driver (recorded while the
