@@ -15,6 +15,13 @@ Placement: the annotator and the reward learner are pinned to the driver's node 
 the run directory is, given to them as an absolute path; the learner and the env runners go
 wherever their resources (``runtime.learner_resources``, ``runtime.env_runner_resources``) are.
 Every actor answers ``node_id()``.
+
+Task events: the methods called for every fragment, update, metrics row or reward round are
+marked :data:`HOT`, so Ray keeps no task event of their calls. Ray keeps the events of every
+task in the GCS (up to ``task_events_max_num_task_in_gcs``, 100,000 by default); with them the
+gcs_server of a CartPole run grew by megabytes a minute (``docs/PERFORMANCE.md``, "GCS
+memory"). The rare calls (creation, checkpoints, preflight, close) still show in Ray's
+dashboard and state API.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import ray
 import torch
 
 from oni_sys.actors.env_runner import EnvRunner
@@ -39,15 +47,21 @@ if TYPE_CHECKING:  # the driver's base class: ray_runtime.py imports this module
 
 logger = logging.getLogger(__name__)
 
+#: marks a method called once per fragment, update, metrics row or reward round: Ray keeps no
+#: task event of its calls (see the module docstring)
+HOT = ray.method(enable_task_events=False)
+
 
 class RunnerActor(EnvRunner):
     """An env runner that answers with (fragment, small summary) as two objects."""
 
+    @HOT
     def sample_with_summary(self) -> tuple[Fragment, FragmentSummary]:
         """Sample a fragment; the summary is what the driver needs without the arrays."""
         fragment = self.sample()
         return fragment, fragment.summary()
 
+    @HOT
     def load_packet(self, packet: WeightsPacket) -> None:
         """Load weights published by the learner."""
         self.set_weights(packet.weights, packet.version)
@@ -60,6 +74,7 @@ class RunnerActor(EnvRunner):
         """The Ray node this runner is on."""
         return _node_id()
 
+    @HOT
     def forget_captions(self, ids: list[int]) -> None:
         """Send these captions' texts again when next seen (the driver had to drop them)."""
         self.sent_captions.difference_update(ids)
@@ -70,12 +85,14 @@ class LearnerActor(PolicyLearner):
 
     fragments_lost = 0  # fragments whose node died before the learner read them
 
+    @HOT
     def learn_many(self, *fragments: Fragment) -> dict[str, float]:
         """Learn on fragments passed as separate arguments (Ray resolves each reference)."""
         stats = self.learn(list(fragments))
         stats["version"] = float(self.version)
         return stats
 
+    @HOT
     def learn_available(self, refs: list[Any]) -> dict[str, float]:
         """Learn on the fragments behind ``refs`` that still exist: a fragment stored on a node
         that died is lost with it, and counted in ``fragments_lost`` (the run goes on)."""
@@ -95,14 +112,21 @@ class LearnerActor(PolicyLearner):
         stats["fragments_lost"] = float(self.fragments_lost)
         return stats
 
+    @HOT
     def weights_packet(self) -> WeightsPacket:
         """Weights and their version, as one object for every runner to read."""
         return WeightsPacket(self.get_weights(), self.version)
+
+    @HOT
+    def set_reward_snapshot(self, snapshot: Any) -> None:
+        """Use a newer intrinsic-reward snapshot (pushed by the reward learner)."""
+        super().set_reward_snapshot(snapshot)
 
     def reward_snapshot_version(self) -> int:
         """Version of the reward snapshot in use (a restarted reward learner publishes above it)."""
         return int(self.intrinsic.snapshot_version)
 
+    @HOT
     def reward_table(self) -> dict[str, Any]:
         """The per-caption intrinsic reward table (``intrinsic_rewards.json``)."""
         return self.intrinsic.table()
@@ -197,10 +221,12 @@ class AnnotatorActor:
         """The Ray node this annotator (and its label store) is on."""
         return _node_id()
 
+    @HOT
     def submit(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
         """Queue captions; returns at once."""
         self.service.submit(texts, sightings)
 
+    @HOT
     def status(self) -> dict[str, Any]:
         """The service's metrics, its failure (None while it can serve) and this process id."""
         return {
@@ -209,6 +235,7 @@ class AnnotatorActor:
             "pid": os.getpid(),
         }
 
+    @HOT
     def poll_records(self):
         """New labels and preferences with their texts (for the reward learner)."""
         return self.service.poll_records()
@@ -421,6 +448,7 @@ class RewardLearnerActor:
                 self.policy_learner.set_reward_snapshot.remote(snapshot)
             self._stop.wait(self.cfg.reward.round_interval_s)
 
+    @HOT
     def metrics(self) -> dict[str, float]:
         """Loss, accuracy, counts, and the newest snapshot version."""
         with self._lock:

@@ -35,6 +35,7 @@ from oni_sys.runtime.ray_actors import (
     RemoteRewardLearner,
     RunnerActor,
 )
+from oni_sys.runtime.ray_local import Reaper, start_reaper
 from oni_sys.runtime.ray_local import keep_ray_on_loopback as _keep_ray_on_loopback
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class RayRuntime(Runtime):
 
     _table_ref: Any = None
     _table: dict[str, Any] | None = None
+    _reaper: Reaper | None = None  # stops the local instance's processes if this driver dies
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -80,6 +82,7 @@ class RayRuntime(Runtime):
                     _node_ip_address="127.0.0.1",
                     log_to_driver=True,
                 )
+                self._reaper = start_reaper()
             self._started_ray = True
         # Before any actor exists: a run the live nodes cannot hold fails now, in one sentence,
         # instead of leaving actors pending forever.
@@ -278,6 +281,9 @@ class RayRuntime(Runtime):
             self._learner_pg = None
         if getattr(self, "_started_ray", False):
             ray.shutdown()
+        if self._reaper is not None:
+            self._reaper.close()
+            self._reaper = None
 
 
 def _cluster_has_gpu() -> bool:
