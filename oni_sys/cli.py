@@ -223,13 +223,15 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from oni_sys.annotators.preflight import AnnotatorUnavailable
+    from oni_sys.annotators.preflight import AnnotatorUnavailable, annotator_file_problems
     from oni_sys.annotators.report import labels_report
     from oni_sys.annotators.service import AnnotationService
     from oni_sys.config import load_config
     from oni_sys.envs.captions import caption_id
 
     cfg = load_config(None, _annotator_overrides(args.overrides))
+    if problems := annotator_file_problems(cfg.annotator):
+        raise ConfigError(problems)
     captions, reference = read_captions(Path(args.file))
     store = Path(cfg.annotator.store or Path(cfg.runs_dir) / "labels.sqlite")
     service = AnnotationService(cfg.annotator, store)
@@ -294,10 +296,13 @@ def cmd_rewards(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check what a run needs on this machine; exit code 1 when a needed check fails."""
+    from oni_sys.annotators.preflight import annotator_file_problems
     from oni_sys.config import load_config
     from oni_sys.doctor import run_doctor
 
     cfg = load_config(None, _annotator_overrides(args.overrides))
+    if problems := annotator_file_problems(cfg.annotator):
+        raise ConfigError(problems)  # a file named in the arguments: bad input, not a finding
     # The report is the output; INFO logs of Ray and the backends would bury it.
     logging.getLogger().setLevel(logging.WARNING)
     return run_doctor(cfg)

@@ -30,6 +30,13 @@ def _f(default: Any = dataclasses.MISSING, *, help: str = "", **rules: Any) -> A
     return field(default=default, metadata=meta)
 
 
+#: upper bounds of env.num_envs and runtime.num_env_runners: far beyond what any machine holds
+#: (what this one holds is checked before a run starts, oni_sys/runtime/checks.py), but a
+#: mistyped value is refused at once instead of being tried
+MAX_ENVS = 100_000
+MAX_ENV_RUNNERS = 10_000
+
+
 @dataclass
 class EnvConfig:
     """Which environment to run and how many copies each env runner steps."""
@@ -39,7 +46,9 @@ class EnvConfig:
         help="env spec: gym:<id>, <plugin or gymnasium id>, module.path:Name, "
         "pz:module.path:factory, plugin:<name>, nle:<task> (see docs/ENVIRONMENTS.md)",
     )
-    num_envs: int = _f(16, min=1, help="environments stepped as one batch by each env runner")
+    num_envs: int = _f(
+        16, min=1, max=MAX_ENVS, help="environments stepped as one batch by each env runner"
+    )
     kwargs: dict[str, Any] = _f({}, help="keyword arguments passed to the env constructor")
     captioner: str = _f(
         "auto",
@@ -56,13 +65,13 @@ class ModelConfig:
         "auto", choices=["auto", "mlp", "nethack"], help="auto: nethack for nle:, else mlp"
     )
     hidden_size: int = _f(
-        64, min=1, help="width of hidden layers (NetHack: core size, ONI uses 512)"
+        64, min=1, max=16384, help="width of hidden layers (NetHack: core size, ONI uses 512)"
     )
-    num_layers: int = _f(2, min=1, help="MLP hidden layers")
+    num_layers: int = _f(2, min=1, max=64, help="MLP hidden layers")
     core: str = _f("none", choices=["none", "gru"], help="recurrent core of the MLP model")
     activation: str = _f("tanh", choices=["tanh", "relu", "elu"])
-    embedding_dim: int = _f(32, min=1, help="NetHack glyph embedding size")
-    crop_size: int = _f(9, min=3, help="NetHack egocentric crop (odd)")
+    embedding_dim: int = _f(32, min=1, max=4096, help="NetHack glyph embedding size")
+    crop_size: int = _f(9, min=3, max=255, help="NetHack egocentric crop (odd)")
     action_squash: str = _f(
         "tanh",
         choices=["tanh", "clip"],
@@ -82,10 +91,12 @@ class AlgoConfig:
 
     lr: float = _f(3e-4, gt=0.0, help="Adam learning rate")
     gamma: float = _f(0.99, min=0.0, max=1.0)
-    rollout: int = _f(64, min=1, help="T: steps per env in one fragment")
-    num_epochs: int = _f(2, min=1, help="passes over each batch")
+    rollout: int = _f(64, min=1, max=100_000, help="T: steps per env in one fragment")
+    num_epochs: int = _f(2, min=1, max=1000, help="passes over each batch")
     num_minibatches: int = _f(2, min=1, help="minibatches per epoch (split along envs)")
-    fragments_per_batch: int = _f(1, min=1, help="fragments concatenated into one learner batch")
+    fragments_per_batch: int = _f(
+        1, min=1, max=1024, help="fragments concatenated into one learner batch"
+    )
     clip_coef: float = _f(0.2, gt=0.0)
     ratio_bound: float = _f(
         20.0,
@@ -124,7 +135,7 @@ class RuntimeConfig:
 
     kind: str = _f("serial", choices=["serial", "ray"])
     address: str | None = _f(None, help="Ray address; null starts a local instance, auto joins one")
-    num_env_runners: int = _f(2, min=1, help="env runner actors (ray runtime)")
+    num_env_runners: int = _f(2, min=1, max=MAX_ENV_RUNNERS, help="env runner actors (ray runtime)")
     cpus_per_env_runner: float = _f(1.0, gt=0.0, help="Ray CPU resource per env runner")
     learner_cpus: float = _f(1.0, gt=0.0, help="Ray CPU resource for the learner")
     annotator_cpus: float = _f(1.0, gt=0.0, help="Ray CPU resource for the annotator actor")
@@ -146,11 +157,13 @@ class RuntimeConfig:
         help="ray runtime: how long to wait at start for the cluster to grow until the run fits "
         "(an autoscaling cluster adding nodes); 0: a cluster that cannot hold the run fails at once",
     )
-    max_fragments_in_flight: int = _f(4, min=1, help="fragments queued at the learner at most")
+    max_fragments_in_flight: int = _f(
+        4, min=1, max=4096, help="fragments queued at the learner at most"
+    )
     broadcast_every: int = _f(1, min=1, help="send weights to env runners every K updates")
     max_runner_restarts: int = _f(10, min=0, help="crashed env runners replaced before giving up")
     device: str = _f("auto", choices=["auto", "cpu", "cuda"], help="learner device")
-    torch_threads: int = _f(1, min=1, help="torch threads per process")
+    torch_threads: int = _f(1, min=1, max=1024, help="torch threads per process")
 
 
 @dataclass
@@ -160,7 +173,9 @@ class TrainConfig:
     total_env_steps: int = _f(300_000, min=1)
     stop_at_return: float | None = _f(None, help="stop early once episode_return_mean reaches it")
     log_every_updates: int = _f(10, min=1, help="write a metrics row every N learner updates")
-    return_window: int = _f(100, min=1, help="episodes averaged into episode_return_mean")
+    return_window: int = _f(
+        100, min=1, max=1_000_000, help="episodes averaged into episode_return_mean"
+    )
     checkpoint_every_updates: int = _f(200, min=1)
     keep_checkpoints: int = _f(3, min=1)
     progress: bool = _f(True, help="show a live progress bar on the console")
@@ -187,7 +202,7 @@ class AnnotatorConfig:
         help="openai/vllm: model name; llamacpp: a GGUF path (null: the embedded Gemma 3 270M)",
     )
     api_key_env: str = _f("OPENAI_API_KEY", help="environment variable holding the API key")
-    concurrency: int = _f(8, min=1, help="requests in flight at once")
+    concurrency: int = _f(8, min=1, max=4096, help="requests in flight at once")
     timeout_s: float = _f(60.0, gt=0.0, help="per-request timeout")
     max_retries: int = _f(5, min=0, help="retries of a failed request (exponential backoff)")
     max_parse_retries: int = _f(
@@ -209,8 +224,8 @@ class AnnotatorConfig:
     rules: list[Any] = _f(
         [], help="rules backend: list of {pattern: <regex>, label: 0|1}; first match wins"
     )
-    n_ctx: int = _f(2048, min=256, help="llamacpp: context length")
-    n_threads: int = _f(1, min=1, help="llamacpp: CPU threads")
+    n_ctx: int = _f(2048, min=256, max=1_048_576, help="llamacpp: context length")
+    n_threads: int = _f(1, min=1, max=1024, help="llamacpp: CPU threads")
     max_restarts: int = _f(
         5,
         min=0,
@@ -235,6 +250,7 @@ class AnnotatorConfig:
     max_queue: int = _f(
         200_000,
         min=1,
+        max=100_000_000,
         help="questions waiting for the LLM at most; beyond it the least seen are dropped "
         "(counted in annotator_dropped) and asked again when seen again",
     )
@@ -273,13 +289,15 @@ class RewardConfig:
     member: str = _f(
         "classification", choices=["classification", "ranking"], help="ensemble member kind"
     )
-    ensemble_size: int = _f(5, min=1, help="ensemble: members with different seeds")
+    ensemble_size: int = _f(5, min=1, max=100, help="ensemble: members with different seeds")
     ensemble_pessimism: float = _f(
         0.0, min=0.0, help="ensemble: reward = mean - k * std across members"
     )
     lr: float = _f(1e-3, gt=0.0, help="reward model Adam learning rate")
-    batch_size: int = _f(64, min=1, help="reward model minibatch")
-    max_dataset: int = _f(100_000, min=1, help="unique captions (or pairs) kept for training")
+    batch_size: int = _f(64, min=1, max=1_048_576, help="reward model minibatch")
+    max_dataset: int = _f(
+        100_000, min=1, max=100_000_000, help="unique captions (or pairs) kept for training"
+    )
     held_out_fraction: float = _f(
         0.1, min=0.0, max=0.9, help="labels held back to measure accuracy"
     )
@@ -442,7 +460,7 @@ def _validate_section(cls: type, data: Any, prefix: str, errors: list[str]) -> d
     return clean
 
 
-def _reward_data(reward: RewardConfig) -> str | None:
+def reward_data(reward: RewardConfig) -> str | None:
     """Which annotator prompt feeds the reward model: classification, ranking, or None."""
     kind = reward.member if reward.kind == "ensemble" else reward.kind
     if kind in ("hashing", "classification"):
@@ -465,6 +483,42 @@ def check_base_url(url: str) -> str | None:
     return None
 
 
+#: what runtime.address may be, for the sentences that refuse one
+RAY_ADDRESS_ALLOWED = (
+    "give auto (the cluster RAY_ADDRESS names, or the one `ray start` started on this machine), "
+    "host:port of a running Ray head (e.g. 127.0.0.1:6379) or ray://host:port (Ray client), "
+    "or leave runtime.address unset to start a local instance"
+)
+
+
+def split_host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``host:port`` or ``[ipv6]:port`` (port 1-65535), else None."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if any(c.isspace() or c in "/@?#" for c in host):
+        return None
+    return host, int(port)
+
+
+def check_ray_address(address: str | None) -> str | None:
+    """Why ``address`` cannot be ``runtime.address``, or None (its shape only; whether a head
+    answers there is checked before a run starts, :mod:`oni_sys.runtime.ray_check`)."""
+    if address is None or address == "auto":
+        return None
+    if address == "local":
+        return (
+            "'local' is not a cluster address; leave runtime.address unset to start a local "
+            "instance (bound to 127.0.0.1)"
+        )
+    target = address[len("ray://") :] if address.startswith("ray://") else address
+    if split_host_port(target) is None:
+        return f"{address!r} is not a Ray address; {RAY_ADDRESS_ALLOWED}"
+    return None
+
+
 def _cross_checks(cfg: Config, errors: list[str]) -> None:
     """Rules that involve more than one key."""
     from oni_sys.envs.captioners import check_captioner
@@ -479,13 +533,16 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
     err = check_base_url(cfg.annotator.base_url)
     if err:
         errors.append(f"annotator.base_url: {err}")
+    err = check_ray_address(cfg.runtime.address)
+    if err:
+        errors.append(f"runtime.address: {err}")
     if cfg.algo.num_minibatches > cfg.env.num_envs * cfg.algo.fragments_per_batch:
         errors.append(
             f"algo.num_minibatches: {cfg.algo.num_minibatches} minibatches cannot be cut from a batch "
             f"of {cfg.env.num_envs * cfg.algo.fragments_per_batch} env slices "
             "(env.num_envs x algo.fragments_per_batch); lower it or raise env.num_envs"
         )
-    wants = _reward_data(cfg.reward)
+    wants = reward_data(cfg.reward)
     asks = cfg.annotator.prompt if cfg.annotator.prompt in ("classification", "ranking") else None
     if wants and asks and wants != asks:
         data = "pairwise preferences" if wants == "ranking" else "per-caption labels"
@@ -689,6 +746,31 @@ def describe_config() -> str:
         "A config file is a YAML mapping of the sections below. It is read strictly: a key given",
         "twice in one mapping, an empty file, or a file that is not a mapping is an error naming",
         "the file and the line.",
+        "",
+        "## Checks before a run starts",
+        "",
+        "Every problem below stops `oni-sys train` with one `config error:` line each and exit",
+        "code 2, before the run writes anything (`oni_sys/runtime/checks.py`):",
+        "",
+        "- one env is built and reset (a bad `env.id` or `env.kwargs`);",
+        "- the files the annotator reads, when it runs (`annotator.enabled`, or `reward.kind` not",
+        "  `none`): an `annotator.prompt` that is not a built-in name must be a valid template file",
+        "  of the kind the reward model learns from; an `annotator.model` for the llamacpp backend",
+        "  must be a GGUF file (`oni-sys annotate` and `oni-sys doctor` check the same);",
+        "- `runs_dir` and the directory of `annotator.store` must be creatable;",
+        "  `runtime.device=cuda` needs a CUDA device;",
+        "- memory: a second env is built next to the first and the growth of the process's",
+        "  resident memory is taken as one env's size. Each env runner holds `env.num_envs` such",
+        "  envs and their step buffers (2 x (`algo.rollout` + 1) records of each agent slot's",
+        "  observation, action and step fields); with `runtime.kind=ray` each runner and the",
+        "  learner is a process as large as the driver, and the learner holds its batches and",
+        "  queued fragments. The total, a lower bound, must fit in `MemAvailable` (or what a",
+        "  container's cgroup limit leaves); a run that joins a cluster (`runtime.address`) is",
+        f"  not checked here. Whatever the machine, `env.num_envs` is at most {MAX_ENVS} and",
+        f"  `runtime.num_env_runners` at most {MAX_ENV_RUNNERS};",
+        "- `runtime.address`: `auto` must resolve (`RAY_ADDRESS`, else the cluster `ray start`",
+        "  recorded on this machine), and a Ray head must accept a TCP connection there within",
+        "  5 s (`ray.init` would otherwise retry for many minutes, deaf to Ctrl-C).",
         "",
     ]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from oni_sys.annotators.base import Backend, BackendError, FatalBackendError, Question
 from oni_sys.annotators.prompts import build_classification, build_ranking, prompt_kind
@@ -23,6 +24,67 @@ PROBE_NEGATIVE = "It's a wall."
 class AnnotatorUnavailable(Exception):
     """The run needs labels and the annotator cannot give them (at start, or for longer than
     ``annotator.max_outage_s``, or with an error no retry fixes). ``str()`` is one sentence."""
+
+
+#: the first bytes of every GGUF file
+GGUF_MAGIC = b"GGUF"
+
+
+def annotator_file_problems(cfg, wants: str | None = None) -> list[str]:
+    """What is wrong with the files the annotator will read: one sentence per problem.
+
+    ``cfg`` is the ``annotator`` config section. ``annotator.prompt``, when not a built-in
+    name, must be a readable, valid template file, of the kind ``wants`` (classification or
+    ranking: what the reward model learns from) when given; ``annotator.model`` for the llamacpp backend,
+    when given (null: the embedded model), must be a GGUF file. Nothing is loaded: this runs
+    before a run writes anything (``oni-sys train``, ``annotate`` and ``doctor``).
+    """
+    problems = []
+    if cfg.prompt not in ("classification", "ranking"):
+        if not Path(cfg.prompt).expanduser().exists():
+            problems.append(
+                f"annotator.prompt: {cfg.prompt!r} is neither a built-in prompt nor an existing "
+                "file; use classification, ranking or the path of a template file "
+                "(docs/ANNOTATOR.md, 'Prompts')"
+            )
+        else:
+            try:
+                kind = prompt_kind(cfg)  # reads and parses the template
+            except ValueError as exc:
+                text = one_line(str(exc))
+                prefix = "annotator.prompt: "
+                problems.append(text if text.startswith(prefix) else prefix + text)
+            else:
+                if wants is not None and kind != wants:
+                    problems.append(
+                        f"annotator.prompt: {cfg.prompt!r} is a {kind} template, but the reward "
+                        f"model learns from {wants} answers; give a {wants} template"
+                    )
+    if cfg.backend == "llamacpp" and cfg.model:
+        problem = _gguf_problem(Path(cfg.model).expanduser())
+        if problem:
+            problems.append(
+                f"annotator.model: {cfg.model!r} {problem}; for annotator.backend=llamacpp give "
+                "the path of a GGUF file, or leave annotator.model unset (null) for the "
+                "embedded Gemma 3 270M"
+            )
+    return problems
+
+
+def _gguf_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable GGUF file, or None."""
+    if not path.exists():
+        return "does not exist"
+    if not path.is_file():
+        return "is not a file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(GGUF_MAGIC))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if head != GGUF_MAGIC:
+        return "is not a GGUF file (it does not start with the bytes GGUF)"
+    return None
 
 
 def probe_question(cfg) -> Question:

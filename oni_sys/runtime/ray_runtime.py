@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from oni_sys.annotators.preflight import one_line
+from oni_sys.config import ConfigError
 from oni_sys.runtime.actor_manager import ActorManager
 from oni_sys.runtime.base import Runtime
 from oni_sys.runtime.placement import (
@@ -60,7 +62,14 @@ class RayRuntime(Runtime):
         self._started_ray = False
         if not ray.is_initialized():
             if rt.address:
-                ray.init(address=rt.address, log_to_driver=True)
+                # A head that answers at all was checked before the run started (ray_check.py,
+                # bounded); what Ray still refuses here (auth, versions) is one sentence.
+                try:
+                    ray.init(address=rt.address, log_to_driver=True)
+                except ConnectionError as exc:
+                    raise ConfigError(
+                        [f"runtime.address: Ray could not join {rt.address} ({one_line(exc)})"]
+                    ) from None
             else:
                 _keep_ray_on_loopback()
                 # A local instance: bound to loopback, with enough logical CPUs for every actor
