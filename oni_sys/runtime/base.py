@@ -82,6 +82,8 @@ class Runtime:
                 self.annotator.preflight()
                 if (warning := reward_quality_warning(self.cfg)) is not None:
                     logger.warning(warning)
+                if self.checkpoint and self.checkpoint.get("annotator"):  # older: none
+                    self.annotator.load_state_dict(self.checkpoint["annotator"])
             self._start_roles()
             self.reward_learner = self._start_reward_learner() if self.reward_enabled else None
             if resuming and self.annotator is not None:
@@ -210,10 +212,14 @@ class Runtime:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             try:
-                if self.tracker.updates > 0:
-                    self.save_checkpoint()
-                if self.tracker.has_unlogged_updates():
-                    self._log_row()
+                # The row first: the checkpoint's counters (read after it) are then never
+                # below the last row a resume keeps.
+                try:
+                    if self.tracker.has_unlogged_updates():
+                        self._log_row()
+                finally:
+                    if self.tracker.updates > 0:
+                        self.save_checkpoint()
             finally:
                 self.run_dir.close()
                 try:
@@ -237,6 +243,9 @@ class Runtime:
             if reward_state is not None:
                 learners["reward"] = reward_state
         state = self.tracker.checkpoint_state(learners)
+        if self.annotator is not None:
+            # the annotator's cumulative counters (labels_total, annotator_requests_total...)
+            state["annotator"] = self.annotator.state_dict()
         path = self.run_dir.save_checkpoint(state, self.tracker.env_steps)
         self.write_reward_table(fresh=True)
         return path

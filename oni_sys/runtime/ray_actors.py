@@ -95,6 +95,15 @@ class LearnerActor(PolicyLearner):
         stats["fragments_lost"] = float(self.fragments_lost)
         return stats
 
+    def state_dict(self) -> dict[str, Any]:
+        """The policy learner's state, with ``fragments_lost`` (a counter over the run)."""
+        return {**super().state_dict(), "fragments_lost": self.fragments_lost}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (older checkpoints and the serial runtime's: 0)."""
+        super().load_state_dict(state)
+        self.fragments_lost = int(state.get("fragments_lost", 0))
+
     def weights_packet(self) -> WeightsPacket:
         """Weights and their version, as one object for every runner to read."""
         return WeightsPacket(self.get_weights(), self.version)
@@ -221,6 +230,14 @@ class AnnotatorActor:
         """Ask again every stored caption without an answer (a resumed run)."""
         return self.service.requeue_missing()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The service's cumulative counters (for the run's checkpoint)."""
+        return self.service.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the counters of a resumed run."""
+        self.service.load_state_dict(state)
+
     def close(self) -> None:
         """Write what is answered and stop."""
         self.service.close()
@@ -263,6 +280,8 @@ class RemoteAnnotator:
         #: the annotator version (known after :meth:`preflight`)
         self.version: str | None = None
         self.dropped = 0
+        self._restarts_before = 0  # actor restarts of earlier sessions (resume)
+        self._state: dict[str, Any] = {}  # the last state the actor gave (for checkpoints)
         self._submits: list[Any] = []
         self._texts: dict[int, str] = {}
         self._counts: Counter[int] = Counter()
@@ -290,6 +309,36 @@ class RemoteAnnotator:
         import ray
 
         return int(ray.get(self.actor.requeue_missing.remote()))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cumulative counters, for the checkpoint: the actor's, asked now (so they are
+        never below a row already logged), or the last ones it gave if it does not answer;
+        with the driver's own drops and the actor's restarts."""
+        import ray
+
+        try:
+            self._state = ray.get(self.actor.state_dict.remote(), timeout=60)
+        except Exception as exc:  # noqa: BLE001 (a dead helper never makes a checkpoint fail)
+            logger.warning(
+                "annotator counters unavailable for this checkpoint (%s); keeping the last ones",
+                str(exc).splitlines()[0][:300],
+            )
+        return {
+            **self._state,
+            "driver_dropped": self.dropped,
+            "actor_restarts": self.manager.restarts + self._restarts_before,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a resumed run's counters (in the actor and here); the first metrics row
+        already shows them."""
+        import ray
+
+        ray.get(self.actor.load_state_dict.remote(state))
+        self.dropped += int(state.get("driver_dropped", 0) or 0)
+        self._restarts_before += int(state.get("actor_restarts", 0) or 0)
+        self._state = ray.get(self.actor.state_dict.remote())
+        self._status.value.update(ray.get(self.actor.status.remote()))
 
     def submit(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
         """Send captions to the annotator without waiting (bounded, see the class docstring)."""
@@ -328,7 +377,7 @@ class RemoteAnnotator:
                 float(out.get("annotator_outage_s") or 0.0),
                 time.monotonic() - self._status.down_since,
             )
-        restarts = self.manager.restarts
+        restarts = self.manager.restarts + self._restarts_before
         if out.get("annotator_restarts") is not None or restarts:
             out["annotator_restarts"] = float(out.get("annotator_restarts") or 0) + float(restarts)
         if self.dropped:
@@ -471,6 +520,12 @@ class RemoteRewardLearner:
         self.runtime = runtime
         self._state = state
         self._metrics = self.manager.latest(0, "metrics", ("reward_learner_version",))
+        if state is not None:  # resumed: the counters show before the actor first answers
+            self._metrics.value.update(
+                reward_model_updates=float(state["updates"]),
+                reward_labels_seen=float(state["labels_seen"]),
+                reward_preferences_seen=float(state["preferences_seen"]),
+            )
 
     def metrics(self) -> dict[str, float]:
         """The latest metrics, plus how many snapshots the policy learner is behind."""
