@@ -243,6 +243,18 @@ class AnnotatorActor:
         self.service.close()
 
 
+#: ServiceStats counters and the metrics that report them
+_STATS_IN_METRICS = {
+    "labels_total": "labels_total",
+    "requests_total": "annotator_requests_total",
+    "unlabelable_total": "unlabelable_total",
+    "preferences_total": "preferences_total",
+    "parse_failures": "annotator_parse_failures",
+    "backend_errors": "annotator_backend_errors",
+    "dropped": "annotator_dropped",
+}
+
+
 class RemoteAnnotator:
     """The driver's handle on the annotator actor: every call is fire-and-forget.
 
@@ -311,18 +323,32 @@ class RemoteAnnotator:
         return int(ray.get(self.actor.requeue_missing.remote()))
 
     def state_dict(self) -> dict[str, Any]:
-        """The cumulative counters, for the checkpoint: the actor's, asked now (so they are
-        never below a row already logged), or the last ones it gave if it does not answer;
-        with the driver's own drops and the actor's restarts."""
+        """The cumulative counters, for the checkpoint, with the driver's own drops and the
+        actor's restarts: the actor's, asked now (so they are never below a row already
+        logged); while it is down (or does not answer within 10 s), the last ones known, from
+        its state or its latest metrics. Never below a previous checkpoint's."""
         import ray
 
-        try:
-            self._state = ray.get(self.actor.state_dict.remote(), timeout=60)
-        except Exception as exc:  # noqa: BLE001 (a dead helper never makes a checkpoint fail)
-            logger.warning(
-                "annotator counters unavailable for this checkpoint (%s); keeping the last ones",
-                str(exc).splitlines()[0][:300],
-            )
+        fresh: dict[str, Any] | None = None
+        if self._status.down_since is None:  # a down actor would hold up the checkpoint
+            try:
+                fresh = ray.get(self.actor.state_dict.remote(), timeout=10)
+            except Exception as exc:  # noqa: BLE001 (a dead helper never makes a checkpoint fail)
+                logger.warning(
+                    "annotator counters unavailable for this checkpoint (%s); using the last ones",
+                    str(exc).splitlines()[0][:300],
+                )
+        if fresh is None:  # what the latest metrics row saw
+            metrics = self._status.value.get("metrics") or {}
+            stats = {k: metrics.get(name) for k, name in _STATS_IN_METRICS.items()}
+            fresh = {"stats": {k: int(v) for k, v in stats.items() if v is not None}}
+        old, new = self._state.get("stats") or {}, dict(fresh.get("stats") or {})
+        for key, value in old.items():
+            if key != "latencies" and isinstance(value, int):
+                new[key] = max(value, int(new.get(key, 0) or 0))
+        new.setdefault("latencies", old.get("latencies", []))
+        restarts = max(int(self._state.get("restarts", 0)), int(fresh.get("restarts", 0) or 0))
+        self._state = {"stats": new, "restarts": restarts}
         return {
             **self._state,
             "driver_dropped": self.dropped,
