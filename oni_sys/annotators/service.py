@@ -125,6 +125,7 @@ class AnnotationService:
         self.version = f"{self.backend.model_id}|{prompt_version(cfg)}|{LABEL_RULE_VERSION}|{asked}"
         self.ranking = cfg.prompt == "ranking"
         self.stats = ServiceStats()
+        self._restarts_before = 0  # LLM process restarts of earlier sessions (resume)
         self._lock = threading.Lock()  # guards the queues and everything published or pending
         # Signalled (under _lock) whenever a question or a pair is answered: answer_all waits on it.
         self._answered = threading.Condition(self._lock)
@@ -212,9 +213,23 @@ class AnnotationService:
         )
 
     def restarts(self) -> int:
-        """Restarts of the LLM's process (the llama.cpp child); the Ray driver adds the
-        annotator actor's own restarts."""
-        return int(getattr(self.backend, "restarts", 0))
+        """Restarts of the LLM's process (the llama.cpp child), over the run; the Ray driver
+        adds the annotator actor's own restarts."""
+        return int(getattr(self.backend, "restarts", 0)) + self._restarts_before
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cumulative counters, for the run's checkpoint (what is labelled is in the
+        store)."""
+        with self._lock:
+            stats = self.stats.state_dict()
+        return {"stats": stats, "restarts": self.restarts()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the counters of :meth:`state_dict` (a resumed run): they are added to
+        this service's own; missing keys count as 0."""
+        with self._lock:
+            self.stats.load_state_dict(state.get("stats") or {})
+            self._restarts_before += int(state.get("restarts", 0) or 0)
 
     def outage_seconds(self) -> float:
         """How long the annotator has been unable to answer (0 while it answers)."""

@@ -35,6 +35,34 @@ class ServiceStats:
     latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
     label_times: deque = field(default_factory=lambda: deque(maxlen=2000))
 
+    #: the counters that add up over a run (a resumed run continues them)
+    COUNTERS = (
+        "questions_seen",
+        "store_hits",
+        "requests_total",
+        "labels_total",
+        "unlabelable_total",
+        "parse_failures",
+        "backend_errors",
+        "preferences_total",
+        "dropped",
+    )
+
+    def state_dict(self) -> dict[str, object]:
+        """The counters and the latencies behind p50/p95 (call with the lock held); label
+        times are clock readings of this process and start afresh."""
+        state: dict[str, object] = {k: getattr(self, k) for k in self.COUNTERS}
+        state["latencies"] = list(self.latencies)
+        return state
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Add a previous session's :meth:`state_dict` to these counters (call with the lock
+        held); keys it lacks count as 0."""
+        for key in self.COUNTERS:
+            setattr(self, key, getattr(self, key) + int(state.get(key, 0) or 0))
+        older = [float(x) for x in state.get("latencies", ()) or ()]
+        self.latencies.extendleft(reversed(older[-(self.latencies.maxlen or 0) :]))
+
     def timings(self) -> Timings:
         """The latencies and the label times of the last minute (call with the lock held)."""
         now = time.perf_counter()

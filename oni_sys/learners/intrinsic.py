@@ -105,13 +105,14 @@ class CaptionTally:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`."""
-        self.ids = np.asarray(state["ids"], dtype=np.uint64)
-        self.paid = np.asarray(state["paid"], dtype=np.float64)
-        self.seen = np.asarray(state["seen"], dtype=np.int64)
+        """Continue from :meth:`state_dict`. Copies: the totals are added to in place, and
+        arrays that came through Ray's object store are read-only."""
+        self.ids = np.array(state["ids"], dtype=np.uint64)
+        self.paid = np.array(state["paid"], dtype=np.float64)
+        self.seen = np.array(state["seen"], dtype=np.int64)
         self.window.clear()
         self.window.extend(
-            (np.asarray(i, dtype=np.uint64), np.asarray(p, dtype=np.float64))
+            (np.array(i, dtype=np.uint64), np.array(p, dtype=np.float64))
             for i, p in state["window"]
         )
 
@@ -263,11 +264,20 @@ class IntrinsicReward:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The tally and the texts of its captions (a resumed run may not see them again)."""
+        """The tally, the texts of its captions (a resumed run may not see them again) and the
+        window of episode intrinsic returns."""
         texts = {int(i): self.texts[int(i)] for i in self.tally.ids if int(i) in self.texts}
-        return {"tally": self.tally.state_dict(), "texts": texts}
+        return {
+            "tally": self.tally.state_dict(),
+            "texts": texts,
+            "returns": list(self.intrinsic_returns),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`."""
+        """Continue from :meth:`state_dict`: the tally, its texts and the window of episode
+        intrinsic returns (``intrinsic_return_mean``; older checkpoints: empty). Episodes in
+        progress are not kept: a resumed run starts new ones."""
         self.tally.load_state_dict(state["tally"])
         self.register(state["texts"])
+        self.intrinsic_returns.clear()
+        self.intrinsic_returns.extend(float(r) for r in state.get("returns", ()))

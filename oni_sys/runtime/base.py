@@ -17,6 +17,7 @@ from oni_sys.config import Config
 from oni_sys.contracts import FragmentSummary
 from oni_sys.reward_report import REWARD_TABLE
 from oni_sys.runtime.checks import check_before_start
+from oni_sys.runtime.resume import check_resumable
 from oni_sys.runtime.run_dir import RunDirectory, load_checkpoint, resolve_run_dir
 from oni_sys.runtime.tracker import Reporter, Tracker
 
@@ -41,20 +42,34 @@ class Runtime:
         self.reward_snapshot_version: float | None = None  # the learner's, at its last update
 
     def setup(self) -> None:
-        """Create the run directory and the roles; restore the latest checkpoint on resume.
+        """Build the roles, restoring the latest checkpoint on resume; then open the run
+        directory.
 
         First, before anything is written, one env is built and the device and the directories
-        to write are checked (:func:`~oni_sys.runtime.checks.check_before_start`): a problem
-        raises :class:`~oni_sys.config.ConfigError`.
+        to write are checked (:func:`~oni_sys.runtime.checks.check_before_start`), and on resume
+        the checkpoint is checked against this config (:func:`~oni_sys.runtime.resume.
+        check_resumable`): a problem raises :class:`~oni_sys.config.ConfigError`.
 
         When the run needs labels, the annotator answers one real question before the roles are
-        built; if it cannot, :class:`AnnotatorUnavailable` is raised and nothing trains (a fresh
-        run's directory is removed again).
+        built; if it cannot, :class:`AnnotatorUnavailable` is raised and nothing trains.
+
+        Nothing is written into the run directory until every role is up: ``config.yaml``, the
+        metrics truncation of a resume and the TensorBoard purge come last
+        (:meth:`RunDirectory.open`). Only the label store is opened before (the annotator's
+        preflight needs it); a failed start does not change it, and removes it when it made it.
+        So a failed resume leaves the run byte for byte as it was, and a failed fresh start
+        leaves no directory behind (its name stays free for the next try).
         """
         self.env_interface = check_before_start(self.cfg, self.annotator_enabled)
         self.run_path, resuming = resolve_run_dir(self.cfg)
+        created = None if resuming else _first_missing(self.run_path)
+        # What a failed resume must leave as it was (the label store may be opened before the
+        # run starts; a store that did not exist is removed again).
+        entries = {p.name for p in self.run_path.iterdir()} if resuming else set()
         try:
-            self.checkpoint = load_checkpoint(self.run_path) if resuming else None
+            if resuming:
+                self.checkpoint = load_checkpoint(self.run_path)
+                check_resumable(self.cfg, self.checkpoint, self.env_interface, self.run_path)
             resume_steps = self.checkpoint["tracker"]["env_steps"] if self.checkpoint else None
             self.run_dir = RunDirectory(self.run_path, self.cfg, resume_env_steps=resume_steps)
             self.tracker = Tracker(self.cfg, self.run_dir, self.reporter)
@@ -67,17 +82,23 @@ class Runtime:
                 self.annotator.preflight()
                 if (warning := reward_quality_warning(self.cfg)) is not None:
                     logger.warning(warning)
-                if resuming:
-                    owed = self.annotator.requeue_missing()
-                    logger.info("annotator: %d stored captions still owed an answer", owed)
+                if self.checkpoint and self.checkpoint.get("annotator"):  # older: none
+                    self.annotator.load_state_dict(self.checkpoint["annotator"])
             self._start_roles()
             self.reward_learner = self._start_reward_learner() if self.reward_enabled else None
+            if resuming and self.annotator is not None:
+                owed = self.annotator.requeue_missing()
+                logger.info("annotator: %d stored captions still owed an answer", owed)
+            self.run_dir.open()  # the run has started: the first write into its directory
         except BaseException:
-            self._abort_setup(remove_run_dir=not resuming)
+            self._abort_setup(created, entries)
             raise
 
-    def _abort_setup(self, remove_run_dir: bool) -> None:
-        """Undo a failed :meth:`setup`: stop what started; a fresh run leaves no directory."""
+    def _abort_setup(self, created: Path | None, entries: set[str]) -> None:
+        """Undo a failed :meth:`setup`: stop what started, then remove what it made in the run
+        directory. ``created``: the first of the run directory and its ancestors that did not
+        exist before (removed whole); ``entries``: the names the run directory held before
+        (anything else in it is removed)."""
         try:
             if getattr(self, "run_dir", None) is not None:
                 self.run_dir.close()
@@ -86,10 +107,16 @@ class Runtime:
             self._stop_roles()
         except Exception:  # noqa: BLE001 (the original error is the one to report)
             logger.exception("cleaning up after a failed start")
-        if remove_run_dir and self.run_path is not None:
-            ckpts = self.run_path / "checkpoints"
-            if not ckpts.is_dir() or not any(ckpts.iterdir()):
-                shutil.rmtree(self.run_path, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        elif self.run_path is not None and self.run_path.is_dir():
+            for child in self.run_path.iterdir():
+                if child.name in entries:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
 
     def check_annotator(self) -> None:
         """Raise :class:`AnnotatorUnavailable` once the annotator can no longer serve the run
@@ -185,10 +212,14 @@ class Runtime:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             try:
-                if self.tracker.updates > 0:
-                    self.save_checkpoint()
-                if self.tracker.has_unlogged_updates():
-                    self._log_row()
+                # The row first: the checkpoint's counters (read after it) are then never
+                # below the last row a resume keeps.
+                try:
+                    if self.tracker.has_unlogged_updates():
+                        self._log_row()
+                finally:
+                    if self.tracker.updates > 0:
+                        self.save_checkpoint()
             finally:
                 self.run_dir.close()
                 try:
@@ -212,6 +243,9 @@ class Runtime:
             if reward_state is not None:
                 learners["reward"] = reward_state
         state = self.tracker.checkpoint_state(learners)
+        if self.annotator is not None:
+            # the annotator's cumulative counters (labels_total, annotator_requests_total...)
+            state["annotator"] = self.annotator.state_dict()
         path = self.run_dir.save_checkpoint(state, self.tracker.env_steps)
         self.write_reward_table(fresh=True)
         return path
@@ -345,3 +379,14 @@ class Runtime:
 
     def _start_reward_learner(self):
         raise NotImplementedError
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The highest of ``path`` and its ancestors that does not exist (None: ``path`` exists):
+    what a failed start must remove to leave no directory behind."""
+    if path.exists():
+        return None
+    missing = path
+    while not missing.parent.exists() and missing.parent != missing:
+        missing = missing.parent
+    return missing

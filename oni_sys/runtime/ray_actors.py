@@ -112,6 +112,15 @@ class LearnerActor(PolicyLearner):
         stats["fragments_lost"] = float(self.fragments_lost)
         return stats
 
+    def state_dict(self) -> dict[str, Any]:
+        """The policy learner's state, with ``fragments_lost`` (a counter over the run)."""
+        return {**super().state_dict(), "fragments_lost": self.fragments_lost}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (older checkpoints and the serial runtime's: 0)."""
+        super().load_state_dict(state)
+        self.fragments_lost = int(state.get("fragments_lost", 0))
+
     @HOT
     def weights_packet(self) -> WeightsPacket:
         """Weights and their version, as one object for every runner to read."""
@@ -248,9 +257,29 @@ class AnnotatorActor:
         """Ask again every stored caption without an answer (a resumed run)."""
         return self.service.requeue_missing()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The service's cumulative counters (for the run's checkpoint)."""
+        return self.service.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the counters of a resumed run."""
+        self.service.load_state_dict(state)
+
     def close(self) -> None:
         """Write what is answered and stop."""
         self.service.close()
+
+
+#: ServiceStats counters and the metrics that report them
+_STATS_IN_METRICS = {
+    "labels_total": "labels_total",
+    "requests_total": "annotator_requests_total",
+    "unlabelable_total": "unlabelable_total",
+    "preferences_total": "preferences_total",
+    "parse_failures": "annotator_parse_failures",
+    "backend_errors": "annotator_backend_errors",
+    "dropped": "annotator_dropped",
+}
 
 
 class RemoteAnnotator:
@@ -290,6 +319,8 @@ class RemoteAnnotator:
         #: the annotator version (known after :meth:`preflight`)
         self.version: str | None = None
         self.dropped = 0
+        self._restarts_before = 0  # actor restarts of earlier sessions (resume)
+        self._state: dict[str, Any] = {}  # the last state the actor gave (for checkpoints)
         self._submits: list[Any] = []
         self._texts: dict[int, str] = {}
         self._counts: Counter[int] = Counter()
@@ -317,6 +348,50 @@ class RemoteAnnotator:
         import ray
 
         return int(ray.get(self.actor.requeue_missing.remote()))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cumulative counters, for the checkpoint, with the driver's own drops and the
+        actor's restarts: the actor's, asked now (so they are never below a row already
+        logged); while it is down (or does not answer within 10 s), the last ones known, from
+        its state or its latest metrics. Never below a previous checkpoint's."""
+        import ray
+
+        fresh: dict[str, Any] | None = None
+        if self._status.down_since is None:  # a down actor would hold up the checkpoint
+            try:
+                fresh = ray.get(self.actor.state_dict.remote(), timeout=10)
+            except Exception as exc:  # noqa: BLE001 (a dead helper never makes a checkpoint fail)
+                logger.warning(
+                    "annotator counters unavailable for this checkpoint (%s); using the last ones",
+                    str(exc).splitlines()[0][:300],
+                )
+        if fresh is None:  # what the latest metrics row saw
+            metrics = self._status.value.get("metrics") or {}
+            stats = {k: metrics.get(name) for k, name in _STATS_IN_METRICS.items()}
+            fresh = {"stats": {k: int(v) for k, v in stats.items() if v is not None}}
+        old, new = self._state.get("stats") or {}, dict(fresh.get("stats") or {})
+        for key, value in old.items():
+            if key != "latencies" and isinstance(value, int):
+                new[key] = max(value, int(new.get(key, 0) or 0))
+        new.setdefault("latencies", old.get("latencies", []))
+        restarts = max(int(self._state.get("restarts", 0)), int(fresh.get("restarts", 0) or 0))
+        self._state = {"stats": new, "restarts": restarts}
+        return {
+            **self._state,
+            "driver_dropped": self.dropped,
+            "actor_restarts": self.manager.restarts + self._restarts_before,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a resumed run's counters (in the actor and here); the first metrics row
+        already shows them."""
+        import ray
+
+        ray.get(self.actor.load_state_dict.remote(state))
+        self.dropped += int(state.get("driver_dropped", 0) or 0)
+        self._restarts_before += int(state.get("actor_restarts", 0) or 0)
+        self._state = ray.get(self.actor.state_dict.remote())
+        self._status.value.update(ray.get(self.actor.status.remote()))
 
     def submit(self, texts: dict[int, str], sightings: dict[int, int]) -> None:
         """Send captions to the annotator without waiting (bounded, see the class docstring)."""
@@ -355,7 +430,7 @@ class RemoteAnnotator:
                 float(out.get("annotator_outage_s") or 0.0),
                 time.monotonic() - self._status.down_since,
             )
-        restarts = self.manager.restarts
+        restarts = self.manager.restarts + self._restarts_before
         if out.get("annotator_restarts") is not None or restarts:
             out["annotator_restarts"] = float(out.get("annotator_restarts") or 0) + float(restarts)
         if self.dropped:
@@ -499,6 +574,12 @@ class RemoteRewardLearner:
         self.runtime = runtime
         self._state = state
         self._metrics = self.manager.latest(0, "metrics", ("reward_learner_version",))
+        if state is not None:  # resumed: the counters show before the actor first answers
+            self._metrics.value.update(
+                reward_model_updates=float(state["updates"]),
+                reward_labels_seen=float(state["labels_seen"]),
+                reward_preferences_seen=float(state["preferences_seen"]),
+            )
 
     def metrics(self) -> dict[str, float]:
         """The latest metrics, plus how many snapshots the policy learner is behind."""

@@ -50,8 +50,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def resolve_run_dir(cfg: Config) -> tuple[Path, bool]:
     """The run directory and whether it resumes: ``resume`` if given, else a fresh directory.
 
-    A fresh run never writes into an existing run: ``runs/<name>`` is suffixed ``-1``, ``-2``...
-    when taken.
+    Nothing is created here (the run directory is made once the run has started; see
+    :meth:`RunDirectory.open`). A fresh run never writes into an existing run: ``runs/<name>``
+    is suffixed ``-1``, ``-2``... when it exists and is not empty.
     """
     if cfg.resume:
         path = Path(cfg.resume)
@@ -65,40 +66,54 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, bool]:
         return path, True
     base = Path(cfg.runs_dir) / cfg.name
     path, k = base, 0
-    while path.exists() and any(path.iterdir()):
+    while path.exists() and (not path.is_dir() or any(path.iterdir())):
         k += 1
         path = base.with_name(f"{base.name}-{k}")
-    path.mkdir(parents=True, exist_ok=True)
     return path, False
 
 
 class RunDirectory:
-    """Writes a run's config, metrics and checkpoints."""
+    """Writes a run's config, metrics and checkpoints.
+
+    Constructing one writes nothing: :meth:`open` (called once the run has started, i.e. every
+    role is up) creates the directory, writes ``config.yaml`` and, on resume, drops the metrics
+    rows and TensorBoard events logged after the checkpoint. A start that fails before
+    :meth:`open` leaves the run directory exactly as it was.
+    """
 
     def __init__(self, path: Path, cfg: Config, resume_env_steps: int | None = None):
         self.path = Path(path)
+        self.cfg = cfg
+        self.resume_env_steps = resume_env_steps
         self.ckpt_dir = self.path / "checkpoints"
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
         self.keep = cfg.train.keep_checkpoints
-        atomic_write_bytes(self.path / "config.yaml", to_yaml(cfg).encode())
-        if resume_env_steps is not None:
+        self._metrics = None
+        self._tb = None
+
+    def open(self) -> None:
+        """Create the directory and write ``config.yaml``; on resume, drop the metrics rows and
+        TensorBoard events past the checkpoint. Idempotent."""
+        if self._metrics is not None:
+            return
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path / "config.yaml", to_yaml(self.cfg).encode())
+        steps = self.resume_env_steps
+        if steps is not None:
             # Rows logged after the checkpoint we resume from belong to a future that no longer
             # happens: drop them so the curve continues from the checkpoint without a fork.
-            rows = [
-                r for r in read_metrics(self.metrics_path) if r["env_steps"] <= resume_env_steps
-            ]
+            rows = [r for r in read_metrics(self.metrics_path) if r["env_steps"] <= steps]
             text = "".join(json.dumps(r) + "\n" for r in rows)
             atomic_write_bytes(self.metrics_path, text.encode())
         self._metrics = open(self.metrics_path, "a")  # noqa: SIM115 (kept open for the run)
-        self._tb = None
-        if cfg.train.tensorboard:
+        if self.cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.path / "tb"), purge_step=resume_env_steps)
+            self._tb = SummaryWriter(str(self.path / "tb"), purge_step=steps)
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one metrics row (one ``write`` call, flushed) and mirror it to TensorBoard."""
+        self.open()
         row = {k: _json_safe(v) for k, v in row.items()}
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
@@ -110,6 +125,7 @@ class RunDirectory:
 
     def save_checkpoint(self, state: dict[str, Any], env_steps: int) -> Path:
         """Write ``ckpt_<env_steps>.pt`` and ``latest.pt`` atomically; keep the newest N."""
+        self.open()
         path = self.ckpt_dir / f"ckpt_{env_steps:012d}.pt"
         tmp = self.ckpt_dir / f".{path.name}.tmp"
         torch.save(state, tmp)
@@ -126,8 +142,9 @@ class RunDirectory:
         return path
 
     def close(self) -> None:
-        """Flush and close the metrics file and TensorBoard writer."""
-        self._metrics.close()
+        """Flush and close the metrics file and TensorBoard writer (nothing if never opened)."""
+        if self._metrics is not None:
+            self._metrics.close()
         if self._tb is not None:
             self._tb.close()
 
