@@ -769,8 +769,9 @@ def describe_config() -> str:
         f"  not checked here. Whatever the machine, `env.num_envs` is at most {MAX_ENVS} and",
         f"  `runtime.num_env_runners` at most {MAX_ENV_RUNNERS};",
         "- `runtime.address`: `auto` must resolve (`RAY_ADDRESS`, else the cluster `ray start`",
-        "  recorded on this machine), and a Ray head must accept a TCP connection there within",
-        "  5 s (`ray.init` would otherwise retry for many minutes, deaf to Ctrl-C).",
+        "  recorded on this machine), and a Ray head must accept a TCP connection there and",
+        "  answer as a gRPC server within 5 s (`ray.init` would otherwise retry for many minutes,",
+        "  deaf to Ctrl-C, also when another kind of server listens on that port).",
         "",
     ]
 

@@ -10,6 +10,7 @@ reach Ray: they run as a real ``python -m oni_sys.cli`` process, bounded by a ti
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,12 @@ TABLE = [
         "process",
     ),
     (
+        "Ray address where something else listens",
+        ["runtime.kind=ray", "runtime.address=127.0.0.1:{silent}", "%silent"],
+        "not a Ray head",
+        "main",
+    ),
+    (
         "Ray auto with no cluster",
         ["runtime.kind=ray", "runtime.address=auto"],
         "runtime.address",
@@ -179,14 +186,17 @@ TABLE = [
 ]
 
 
-def _argv(row: list[str], inputs: Path, runs: Path) -> tuple[list[str], bool]:
+def _argv(row: list[str], inputs: Path, runs: Path, silent: int) -> tuple[list[str], bool]:
     """The command line of a row, and whether it wants a stale ``ray start`` record.
 
     ``@FILE`` replaces the config file, ``!CMD`` runs another command, ``%stale`` records a
-    cluster that is gone."""
-    fill = [a.replace("{in}", str(inputs)).replace("{runs}", str(runs)) for a in row]
+    cluster that is gone, ``{silent}`` is the port of a listener that never answers."""
+    fill = [
+        a.replace("{in}", str(inputs)).replace("{runs}", str(runs)).replace("{silent}", str(silent))
+        for a in row
+    ]
     stale = "%stale" in fill
-    fill = [a for a in fill if a != "%stale"]
+    fill = [a for a in fill if a not in ("%stale", "%silent")]
     if fill[0] == "!annotate":
         return ["annotate", CAPTIONS, *fill[1:], f"store={runs}/labels.sqlite"], stale
     if fill[0] == "!doctor":
@@ -226,9 +236,27 @@ def workspace(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "row, names, how", [r if hasattr(r, "marks") else pytest.param(*r[1:], id=r[0]) for r in TABLE]
 )
-def test_bad_input_is_one_config_error(row, names, how, workspace, capsys):
+def test_bad_input_is_one_config_error(row, names, how, workspace, capsys, monkeypatch):
     root, inputs, runs, ray_tmp = workspace
-    argv, stale = _argv(row, inputs, runs)
+    if "%silent" in row:
+        # Ray dials 127.0.0.1 where the listener is, not the machine's routable address.
+        import ray._private.ray_constants as ray_constants
+
+        monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    # A port where something listens (the kernel accepts) but never answers, as a server of
+    # another protocol that waits for its client to speak would.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    try:
+        _check_row(row, names, how, root, inputs, runs, ray_tmp, silent.getsockname()[1], capsys)
+    finally:
+        silent.close()
+
+
+def _check_row(row, names, how, root, inputs, runs, ray_tmp, silent, capsys):
+    argv, stale = _argv(row, inputs, runs, silent)
     if stale:  # a `ray start` that recorded its head, which is gone now
         (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
     before = _tree(root)

@@ -107,19 +107,49 @@ def ray_address_problem(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) 
         return f"{address!r}{source} is not a Ray address; {RAY_ADDRESS_ALLOWED}"
     host, port = parts
     dial = host if client else _dialled_host(host)
+    via = f", which Ray dials as {dial}:{port}" if dial != host else ""
     try:
-        with socket.create_connection((dial, port), timeout=timeout_s):
-            pass
+        with socket.create_connection((dial, port), timeout=timeout_s) as conn:
+            speaks_grpc = _speaks_http2(conn)
     except OSError as exc:
         if isinstance(exc, TimeoutError):
             reason = f"no answer within {timeout_s:g} s"
         else:
             reason = exc.strerror or type(exc).__name__
-        via = f", which Ray dials as {dial}:{port}" if dial != host else ""
         return (
             f"no Ray head answers at {host}:{port}{source}{via} ({reason}); {RAY_ADDRESS_ALLOWED}"
         )
+    if not speaks_grpc:
+        return (
+            f"what listens at {host}:{port}{source}{via} is not a Ray head (it does not answer "
+            f"as a gRPC server within {timeout_s:g} s); {RAY_ADDRESS_ALLOWED}"
+        )
     return None
+
+
+#: an HTTP/2 client's first bytes: the connection preface and an empty SETTINGS frame
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _speaks_http2(conn: socket.socket) -> bool:
+    """Whether the server on ``conn`` answers an HTTP/2 preface with a SETTINGS frame, as
+    every gRPC server (a Ray head's GCS, a Ray Client server) does at once. Anything else
+    listening there (a web server, a database, a silent port) would leave ``ray.init``
+    retrying for many minutes. With ``RAY_USE_TLS`` set the head speaks TLS first: not
+    checked then."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return True
+    try:
+        conn.sendall(_HTTP2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except OSError:  # a timeout, or a reset: not a gRPC server
+        return False
+    return head[3] == 4  # the frame type of the server's first frame: SETTINGS
 
 
 def _resolve_auto() -> tuple[str, str]:
