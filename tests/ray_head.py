@@ -167,6 +167,29 @@ class RayHead:
             timeout=timeout,
         )
 
+    def submit_oni_sys(self, job_id: str, *args: str, timeout: float) -> None:
+        """``ray job submit --working-dir <repo> -- oni-sys ARGS`` as ``job_id``; asserts that
+        the job succeeded (``ray job status`` words SUCCEEDED as "Job '<id>' succeeded")."""
+        submitted = self.ray(
+            "job",
+            "submit",
+            "--address",
+            self.address,
+            "--submission-id",
+            job_id,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            str(ONI_SYS),
+            *args,
+            timeout=timeout,
+        )
+        log = f"{submitted.stdout}\n{submitted.stderr}"
+        assert submitted.returncode == 0, f"ray job submit failed:\n{log[-6000:]}"
+        status = self.ray("job", "status", "--address", self.address, job_id)
+        assert status.returncode == 0, status.stderr
+        assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, status.stdout
+
     def add_worker(self, num_cpus: int, resources: dict[str, float]) -> None:
         """Start a worker node on this machine that joins the head, with ``num_cpus`` CPUs, the
         custom ``resources``, ports of its own, and the head's temp dir, token and marker (so
