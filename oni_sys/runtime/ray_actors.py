@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 #: marks a method called once per fragment, update, metrics row or reward round: Ray keeps no
 #: task event of its calls (see the module docstring)
 HOT = ray.method(enable_task_events=False)
+#: seconds the annotator actor gets to start before its first question's own timeout
+PREFLIGHT_START_MARGIN_S = 120.0
 
 
 class RunnerActor(EnvRunner):
@@ -331,8 +333,17 @@ class RemoteAnnotator:
 
         from oni_sys.annotators.preflight import describe_backend
 
+        # The question itself is bounded by annotator.startup_timeout_s inside the actor; the
+        # margin is for the actor's own start (a process, the model loaded) on the driver's node.
+        timeout_s = self.cfg.annotator.startup_timeout_s + PREFLIGHT_START_MARGIN_S
         try:
-            failure = ray.get(self.actor.preflight.remote())
+            failure = ray.get(self.actor.preflight.remote(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            failure = (
+                f"the annotator actor did not answer its first question within {timeout_s:g} s "
+                f"({describe_backend(self.cfg.annotator)}; annotator.startup_timeout_s plus "
+                f"{PREFLIGHT_START_MARGIN_S:g} s to start it); see {TROUBLESHOOTING}"
+            )
         except ray.exceptions.RayError as exc:  # the actor could not even start
             cause = str(exc).strip().splitlines()[-1][:400]
             failure = (
