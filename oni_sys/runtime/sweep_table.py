@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import yaml
 
 from oni_sys.atomic_io import atomic_write_bytes
 from oni_sys.config import ConfigError
+from oni_sys.runtime.run_dir import read_metrics
 from oni_sys.runtime.sweep import RUN_NAME, read_manifest
 
 #: rows at the end of a run whose returns are averaged for its final return
@@ -77,18 +77,6 @@ def _mean_last(rows: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _read_rows(path: Path) -> list[dict]:
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line of a killed run
-    return rows
-
-
 def run_gpus(cfg: dict) -> float | None:
     """GPUs a run's resolved config asked for; None when ``learner_gpus`` is -1 (auto)."""
     rt, ann, rew = cfg.get("runtime", {}), cfg.get("annotator", {}), cfg.get("reward", {})
@@ -103,7 +91,7 @@ def run_gpus(cfg: dict) -> float | None:
 def read_run(path: Path, task: str, reward: str, seed: int) -> RunResult:
     """What one run directory says (``state`` missing when it has no metrics)."""
     result = RunResult(task, reward, seed, path, "missing")
-    rows = _read_rows(path / "metrics.jsonl")
+    rows = read_metrics(path / "metrics.jsonl")
     if not rows or not (path / "config.yaml").is_file():
         return result
     cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
@@ -284,7 +272,7 @@ def write_curves(results: list[RunResult], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         colours: dict[str, Any] = {}
         for r in sorted(runs, key=lambda r: (r.reward, r.seed)):
-            rows = _read_rows(r.path / "metrics.jsonl")
+            rows = read_metrics(r.path / "metrics.jsonl")
             pts = [
                 (row["env_steps"], row["episode_return_mean"])
                 for row in rows
