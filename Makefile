@@ -39,7 +39,7 @@ endif
 endif
 
 # The main job: ONI (hashing rewards, embedded Gemma 3 270M annotator, Ray runtime) on
-# NetHackScore for a bounded budget (about 10 minutes on 2 CPU cores).
+# NetHackScore for a bounded budget (10 to 20 minutes on 2 CPU cores).
 TRAIN_CONFIG ?= configs/oni/small/score_hashing.yaml
 TRAIN_ARGS   ?= name=oni_score_hashing train.total_env_steps=450000
 
