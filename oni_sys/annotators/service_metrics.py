@@ -48,6 +48,17 @@ class ServiceStats:
         "dropped",
     )
 
+    #: the counters that the metrics row reports, and their keys there
+    IN_METRICS = {
+        "requests_total": "annotator_requests_total",
+        "labels_total": "labels_total",
+        "preferences_total": "preferences_total",
+        "unlabelable_total": "unlabelable_total",
+        "parse_failures": "annotator_parse_failures",
+        "backend_errors": "annotator_backend_errors",
+        "dropped": "annotator_dropped",
+    }
+
     def state_dict(self) -> dict[str, object]:
         """The counters and the latencies behind p50/p95 (call with the lock held); label
         times are clock readings of this process and start afresh."""
@@ -85,19 +96,13 @@ class ServiceStats:
         return {
             "annotator_queue": queue,
             "annotator_in_flight": in_flight,
-            "annotator_requests_total": self.requests_total,
-            "labels_total": self.labels_total,
-            "preferences_total": self.preferences_total,
-            "unlabelable_total": self.unlabelable_total,
+            **{name: getattr(self, counter) for counter, name in self.IN_METRICS.items()},
             "labels_per_s": len(recent) / window if recent else 0.0,
             "annotator_latency_p50": lat[len(lat) // 2] if lat else float("nan"),
             "annotator_latency_p95": lat[int(len(lat) * 0.95)] if lat else float("nan"),
             "annotator_store_hit_rate": self.store_hits / self.questions_seen
             if self.questions_seen
             else float("nan"),
-            "annotator_parse_failures": self.parse_failures,
-            "annotator_backend_errors": self.backend_errors,
-            "annotator_dropped": self.dropped,
             "annotator_up": 1.0 if up else 0.0,
             "annotator_outage_s": outage_s,
             "annotator_restarts": restarts,

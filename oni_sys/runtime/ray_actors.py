@@ -37,6 +37,7 @@ import torch
 
 from oni_sys.actors.env_runner import EnvRunner
 from oni_sys.annotators.preflight import TROUBLESHOOTING, AnnotatorUnavailable
+from oni_sys.annotators.service_metrics import ServiceStats
 from oni_sys.config import Config
 from oni_sys.contracts import Fragment, FragmentSummary, WeightsPacket
 from oni_sys.learners.policy_learner import PolicyLearner
@@ -272,18 +273,6 @@ class AnnotatorActor:
         self.service.close()
 
 
-#: ServiceStats counters and the metrics that report them
-_STATS_IN_METRICS = {
-    "labels_total": "labels_total",
-    "requests_total": "annotator_requests_total",
-    "unlabelable_total": "unlabelable_total",
-    "preferences_total": "preferences_total",
-    "parse_failures": "annotator_parse_failures",
-    "backend_errors": "annotator_backend_errors",
-    "dropped": "annotator_dropped",
-}
-
-
 class RemoteAnnotator:
     """The driver's handle on the annotator actor: every call is fire-and-forget.
 
@@ -378,7 +367,7 @@ class RemoteAnnotator:
                 )
         if fresh is None:  # what the latest metrics row saw
             metrics = self._status.value.get("metrics") or {}
-            stats = {k: metrics.get(name) for k, name in _STATS_IN_METRICS.items()}
+            stats = {k: metrics.get(name) for k, name in ServiceStats.IN_METRICS.items()}
             fresh = {"stats": {k: int(v) for k, v in stats.items() if v is not None}}
         old, new = self._state.get("stats") or {}, dict(fresh.get("stats") or {})
         for key, value in old.items():
