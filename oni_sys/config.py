@@ -72,6 +72,13 @@ class ModelConfig:
     activation: str = _f("tanh", choices=["tanh", "relu", "elu"])
     embedding_dim: int = _f(32, min=1, max=4096, help="NetHack glyph embedding size")
     crop_size: int = _f(9, min=3, max=255, help="NetHack egocentric crop (odd)")
+    map_embedding_dim: int = _f(
+        0,
+        min=0,
+        max=4096,
+        help="NetHack: channels of the whole-map stack's input, a learned projection of the glyph "
+        "embedding (8 costs a quarter of 32); 0: the glyph embedding itself",
+    )
     action_squash: str = _f(
         "tanh",
         choices=["tanh", "clip"],
@@ -164,6 +171,12 @@ class RuntimeConfig:
     max_runner_restarts: int = _f(10, min=0, help="crashed env runners replaced before giving up")
     device: str = _f("auto", choices=["auto", "cpu", "cuda"], help="learner device")
     torch_threads: int = _f(1, min=1, max=1024, help="torch threads per process")
+    learner_threads: int = _f(
+        0,
+        min=0,
+        max=1024,
+        help="torch threads of the policy learner; 0: runtime.torch_threads",
+    )
 
 
 @dataclass

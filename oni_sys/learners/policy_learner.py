@@ -67,7 +67,7 @@ class PolicyLearner:
     """
 
     def __init__(self, cfg: Config, interface: EnvInterface):
-        torch.set_num_threads(cfg.runtime.torch_threads)
+        torch.set_num_threads(cfg.runtime.learner_threads or cfg.runtime.torch_threads)
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.device = pick_device(cfg.runtime.device)

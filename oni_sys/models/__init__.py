@@ -43,6 +43,7 @@ def build_model(
             hidden_size=model_cfg.hidden_size,
             embedding_dim=model_cfg.embedding_dim,
             crop_size=model_cfg.crop_size,
+            map_embedding_dim=model_cfg.map_embedding_dim,
         )
     from oni_sys.models.mlp import MLPNet
 

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from oni_sys.models.base import cpu_conv_layout
+
 #: Shorter image side from which the Nature-DQN stack (total stride 8) is used.
 NATURE_MIN_SIDE = 36
 
@@ -74,4 +76,4 @@ class ImageEncoder(nn.Module):
             x = x.permute(0, 3, 1, 2)
         if self.scale is not None:
             x = x * self.scale
-        return self.fc(self.convs(x).flatten(1)).reshape(t, b, -1)
+        return self.fc(self.convs(cpu_conv_layout(x)).flatten(1)).reshape(t, b, -1)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from oni_sys.models.base import ActorCritic, unroll_gru
+from oni_sys.models.base import ActorCritic, cpu_conv_layout, embed, unroll_gru
 from oni_sys.models.distributions import ActionDist, as_dist
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,10 @@ class NetHackNet(ActorCritic):
         crop_size: side of the egocentric crop (odd, so the agent sits in the middle).
         num_conv_layers: depth of the crop and the map conv stacks (at least 1). The default 4
             gives the map stack its three halvings plus one layer at 3x10.
+        map_embedding_dim: channels of the map stack's input: the glyph embedding table
+            projected to this width (one small matrix product per forward pass, for the whole
+            table), so that the stack's first convolution, the costliest layer of the network,
+            reads fewer channels per cell. 0 (or ``embedding_dim``) feeds the embedding itself.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class NetHackNet(ActorCritic):
         embedding_dim: int = 32,
         crop_size: int = 9,
         num_conv_layers: int = 4,
+        map_embedding_dim: int = 0,
     ) -> None:
         super().__init__()
         if crop_size < 1 or crop_size % 2 == 0:
@@ -123,9 +128,17 @@ class NetHackNet(ActorCritic):
             nn.Linear(crop_channels * crop_size * crop_size, 256), nn.ELU()
         )
 
+        if map_embedding_dim < 0:
+            raise ValueError(f"map_embedding_dim must be >= 0, got {map_embedding_dim}")
+        # The map sees the same glyph embedding as the crop, through a narrowing projection.
+        self.map_projection = (
+            nn.Linear(embedding_dim, map_embedding_dim, bias=False)
+            if 0 < map_embedding_dim != embedding_dim
+            else None
+        )
         map_channels = (16, 32, 32)
         layers = []
-        in_ch = embedding_dim
+        in_ch = map_embedding_dim or embedding_dim
         height, width = self.map_height, self.map_width
         for i in range(num_conv_layers):
             out_ch = map_channels[min(i, len(map_channels) - 1)]
@@ -173,20 +186,50 @@ class NetHackNet(ActorCritic):
         x = blstats[:, 0].long().clamp(0, self.map_width - 1)
         y = blstats[:, 1].long().clamp(0, self.map_height - 1)
         crop_ids = egocentric_crop(glyphs, x, y, self.crop_size, self.pad_glyph)
-        crop = self.glyph_embedding(crop_ids).permute(0, 3, 1, 2)
+        crop = embed(crop_ids, self.glyph_embedding.weight, self.pad_glyph)
+        crop = cpu_conv_layout(crop.permute(0, 3, 1, 2))
         crop_feat = self.crop_fc(self.crop_conv(crop).flatten(1))
 
-        full = self.glyph_embedding(glyphs).permute(0, 3, 1, 2)
-        map_feat = self.map_fc(self.map_conv(full).flatten(1))
+        map_feat = self.encode_map(glyphs)
 
         stats_feat = self.blstats_mlp(signed_log1p(blstats.float()))
 
         parts = [crop_feat, map_feat, stats_feat]
         if self.use_message:
-            msg = self.message_embedding(obs["message"].long()).transpose(1, 2)
-            msg = self.message_conv(msg).amax(dim=2)
-            parts.append(self.message_fc(msg))
+            parts.append(self.message_fc(self.encode_message(obs["message"])))
         return self.fc(torch.cat(parts, dim=1))
+
+    def encode_map(self, glyphs: torch.Tensor) -> torch.Tensor:
+        """Features ``[N, 256]`` of whole glyph maps ``[N, 21, 79]``."""
+        table = self.glyph_embedding.weight
+        if self.map_projection is not None:
+            table = self.map_projection(table)  # [num_glyphs + 1, map_embedding_dim]
+        full = cpu_conv_layout(embed(glyphs, table, self.pad_glyph).permute(0, 3, 1, 2))
+        return self.map_fc(self.map_conv(full).flatten(1))
+
+    def encode_message(self, message: torch.Tensor) -> torch.Tensor:
+        """Max over positions of the message convolutions, ``[N, 64]`` for bytes ``[N, L]``.
+
+        Only the bytes up to the batch's longest text, plus a margin, are convolved; the result
+        equals convolving all ``L`` bytes. NLE messages rarely use more than 80 of their 256
+        bytes, so this saves most of the encoder's cost (docs/PERFORMANCE.md, "A faster NetHack
+        network"). Why it is exact: byte 0 (the padding after the text) embeds to zeros, like
+        the convolutions' own zero padding, so the outputs after the text take only two values,
+        one for the positions that see the padding only and one for the last position (it also
+        reads the second convolution's zero padding). A cut sequence that ends 11 bytes or more
+        after the text still has both among its outputs, and every earlier output as it is.
+        """
+        length = message.shape[1]
+        # Output j of the two stride-2 convolutions (kernel 4, padding 1) reads bytes 4j-3 to
+        # 4j+6: keep the outputs up to the first one that reads padding only, and one more.
+        nonzero = (message != 0).any(dim=0)
+        used = int(torch.nonzero(nonzero).max()) + 1 if bool(nonzero.any()) else 0
+        keep = 4 * ((used + 6) // 4) + 8
+        x = message.long()
+        if keep < length:
+            x = x[:, :keep]
+        x = embed(x, self.message_embedding.weight, 0).transpose(1, 2)
+        return self.message_conv(x).amax(dim=2)
 
     def forward(
         self,

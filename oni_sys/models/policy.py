@@ -126,6 +126,9 @@ class Policy:
             interface.action_space, model_cfg.action_squash, model_cfg.log_std_init
         )
         self.net = build_model(model_cfg, env_id, interface.obs_space, self.dist).to(self.device)
+        if self.device.type == "cpu":
+            # Convolution weights channels-last, as their inputs are (models.base.cpu_conv_layout).
+            self.net.to(memory_format=torch.channels_last)
 
     @property
     def state_size(self) -> int:
