@@ -171,6 +171,13 @@ class RuntimeConfig:
     max_runner_restarts: int = _f(10, min=0, help="crashed env runners replaced before giving up")
     device: str = _f("auto", choices=["auto", "cpu", "cuda"], help="learner device")
     torch_threads: int = _f(1, min=1, max=1024, help="torch threads per process")
+    env_runner_niceness: int = _f(
+        4,
+        min=0,
+        max=19,
+        help="ray runtime: added to each env runner process's niceness (Ray starts workers at "
+        "15), so that a learner sharing the node, the usual bottleneck, gets CPU first",
+    )
     learner_threads: int = _f(
         0,
         min=0,

@@ -56,7 +56,17 @@ PREFLIGHT_START_MARGIN_S = 120.0
 
 
 class RunnerActor(EnvRunner):
-    """An env runner that answers with (fragment, small summary) as two objects."""
+    """An env runner that answers with (fragment, small summary) as two objects.
+
+    It runs at a lower CPU priority than the other roles (``runtime.env_runner_niceness``): on
+    a node it shares with the learner, the learner is the bottleneck, and with equal priorities
+    the scheduler gives it only its share of the cores (docs/PERFORMANCE.md, "A faster learner").
+    """
+
+    def __init__(self, cfg: Config, *args: Any, **kwargs: Any) -> None:
+        if cfg.runtime.env_runner_niceness:
+            os.nice(cfg.runtime.env_runner_niceness)
+        super().__init__(cfg, *args, **kwargs)
 
     @HOT
     def sample_with_summary(self) -> tuple[Fragment, FragmentSummary]:
@@ -87,6 +97,10 @@ class LearnerActor(PolicyLearner):
     """The policy learner, publishing weights together with their version."""
 
     fragments_lost = 0  # fragments whose node died before the learner read them
+
+    def pid(self) -> int:
+        """Process id (tests read its CPU priority)."""
+        return os.getpid()
 
     @HOT
     def learn_many(self, *fragments: Fragment) -> dict[str, float]:

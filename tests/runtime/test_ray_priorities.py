@@ -1,0 +1,53 @@
+"""Env runners run at a lower CPU priority than the learner (``runtime.env_runner_niceness``):
+on a node they share, the learner is the bottleneck (docs/PERFORMANCE.md, "A faster learner")."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from oni_sys.config import load_config
+from oni_sys.runtime import make_runtime
+
+ray = pytest.importorskip("ray")
+
+
+def _niceness(pid: int) -> int:
+    # /proc/<pid>/stat: the 19th field; the command name (2nd) may hold spaces, so split after it.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16])
+
+
+@pytest.mark.parametrize("niceness", [4, 0])
+def test_env_runners_run_below_the_learner(tmp_path, niceness):
+    seen: dict[str, list[int]] = {}
+    cfg = load_config(
+        "configs/cartpole.yaml",
+        [
+            f"runs_dir={tmp_path}",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "runtime.kind=ray",
+            f"runtime.env_runner_niceness={niceness}",
+            "train.total_env_steps=4000",
+            "train.log_every_updates=1",
+        ],
+    )
+
+    def read_priorities(row):
+        if seen:
+            return
+        runner_pids = [ray.get(runtime.runners[i].pid.remote()) for i in range(2)]
+        learner_pid = ray.get(runtime.learner.pid.remote())
+        seen["runners"] = [_niceness(pid) for pid in runner_pids]
+        seen["learner"] = [_niceness(learner_pid)]
+
+    runtime = make_runtime(cfg, read_priorities)
+    runtime.setup()
+    runtime.run()
+    assert seen, "no metrics row was written"
+    learner = seen["learner"][0]
+    assert learner >= os.nice(0)  # Ray starts its workers at its own niceness (15 by default)
+    assert seen["runners"] == [min(learner + niceness, 19)] * 2, seen
