@@ -61,6 +61,8 @@ SF_ARGS = [
     "--decorrelate_envs_on_one_worker=False",
 ]
 FRAMES = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\].*Total num frames: (\d+)")
+#: the samples sample-factory's learner has trained on, in the same report
+SAMPLES = re.compile(r"Total num frames: (\d+)\. Throughput: .*?\. Samples: (\d+)")
 PARAMS = re.compile(r"^SF_PARAMS (\d+)$", re.M)
 
 
@@ -119,11 +121,14 @@ def run_sample_factory(python: Path, steps: int, train_dir: Path, name: str) -> 
         raise RuntimeError(f"sample-factory logged too few frame counts:\n{log[-3000:]}")
     (t0, n0), (t1, n1) = counted[0], counted[-1]
     params = PARAMS.search(log)
+    frames, samples = (int(x) for x in SAMPLES.findall(log)[-1])
     return {
         "steady": (n1 - n0) / (t1 - t0),
         "whole": n1 / wall,
         "steps": n1,
         "params": int(params.group(1)) if params else None,
+        # Its learner keeps up (so the frame rate is not bought by skipping the training).
+        "trained": samples / max(frames, 1),
     }
 
 
@@ -159,23 +164,34 @@ def run_oni(config: str, steps: int, runs_dir: Path, name: str, extra: list[str]
     if len(rows) < 2:
         raise RuntimeError(f"{steps} steps gave {len(rows)} metrics row(s); raise --steps")
     first, last = rows[0], rows[-1]
+    dropped = last.get("fragments_dropped", 0.0) * fragment_steps(config, extra)
     return {
         "steady": (last["env_steps"] - first["env_steps"])
         / (last["wall_time"] - first["wall_time"]),
         "whole": last["env_steps"] / wall,
         "steps": last["env_steps"],
+        "trained": 1.0 - dropped / last["env_steps"],
     }
 
 
-def oni_parameters(config: str) -> int:
-    """Parameter count of the policy ``config`` builds."""
+def fragment_steps(config: str, extra: list[str]) -> int:
+    """Env steps in one fragment of ``config`` (a dropped fragment is that many steps untrained)."""
+    sys.path.insert(0, str(HERE))
+    from oni_sys.config import load_config
+
+    cfg = load_config(config, extra)
+    return cfg.env.num_envs * cfg.algo.rollout
+
+
+def oni_parameters(config: str, extra: list[str] | None = None) -> int:
+    """Parameter count of the policy ``config`` (with ``extra`` overrides) builds."""
     sys.path.insert(0, str(HERE))
     from oni_sys.actors.env_runner import probe_env
     from oni_sys.config import load_config
     from oni_sys.models import build_model
     from oni_sys.models.distributions import make_action_dist
 
-    cfg = load_config(config)
+    cfg = load_config(config, extra or [])
     interface = probe_env(cfg)
     model = build_model(
         cfg.model, cfg.env.id, interface.obs_space, make_action_dist(interface.action_space)
@@ -190,7 +206,8 @@ def main() -> None:
     parser.add_argument(
         "--default-network",
         action="store_true",
-        help="also run oni-sys's NetHack network (configs/nethack_score.yaml)",
+        help="also run oni-sys's NetHack network (configs/nethack_score.yaml), as it is and with "
+        "model.map_embedding_dim=0",
     )
     args = parser.parse_args()
     python = ensure_sf_venv()
@@ -207,15 +224,18 @@ def main() -> None:
         list(systems)[1]: oni_parameters(matched),
     }
     if args.default_network:
-        name = "oni-sys, configs/nethack_score.yaml (NetHack network)"
-        systems[name] = lambda d, n: run_oni(
-            "configs/nethack_score.yaml",
-            args.steps,
-            d,
-            n,
-            ["runtime.device=cpu", "algo.fragments_per_batch=2", "reward.kind=none"],
-        )
-        params[name] = oni_parameters("configs/nethack_score.yaml")
+        nethack = ["runtime.device=cpu", "algo.fragments_per_batch=2", "reward.kind=none"]
+        variants = {
+            "oni-sys, configs/nethack_score.yaml (NetHack network)": [],
+            # The same network with its map stack on the whole 32-wide glyph embedding, as it
+            # was before issue 13: what the narrower map input saves, on its own.
+            "oni-sys, NetHack network, model.map_embedding_dim=0": ["model.map_embedding_dim=0"],
+        }
+        for name, extra in variants.items():
+            systems[name] = lambda d, n, extra=extra: run_oni(
+                "configs/nethack_score.yaml", args.steps, d, n, nethack + extra
+            )
+            params[name] = oni_parameters("configs/nethack_score.yaml", extra)
     results: dict[str, list[dict]] = {name: [] for name in systems}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -232,15 +252,20 @@ def main() -> None:
     base = statistics.mean(r["steady"] for r in results[list(systems)[0]])
     print(f"\n{args.steps:,} env steps a run, {args.rounds} rounds, alternating\n")
     print(
-        "| system | parameters | steady steps/s (runs) | mean | whole run steps/s | ratio to sample-factory |"
+        "| system | parameters | steady steps/s (runs) | mean | whole run steps/s | steps trained "
+        "| ratio to sample-factory |"
     )
-    print("|---|---:|---|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|")
     for name, runs in results.items():
         steady = statistics.mean(r["steady"] for r in runs)
         whole = statistics.mean(r["whole"] for r in runs)
         each = " / ".join(f"{r['steady']:,.0f}" for r in runs)
         count = f"{params[name]:,}" if params.get(name) else "?"
-        print(f"| {name} | {count} | {each} | {steady:,.0f} | {whole:,.0f} | {steady / base:.2f} |")
+        trained = min(r["trained"] for r in runs)
+        print(
+            f"| {name} | {count} | {each} | {steady:,.0f} | {whole:,.0f} | {trained:.0%} "
+            f"| {steady / base:.2f} |"
+        )
 
 
 if __name__ == "__main__":

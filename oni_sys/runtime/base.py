@@ -143,7 +143,7 @@ class Runtime:
     def _on_fragment(self, summary: FragmentSummary) -> None:
         """Count a sampled fragment, and hand its new caption texts and sightings to the
         annotator (never waits). Both runtimes call it once per fragment."""
-        self.tracker.on_fragment(summary.env_steps, summary.episodes)
+        self.tracker.on_fragment(summary.env_steps, summary.episodes, summary.sample_time)
         texts, sightings = summary.new_captions, summary.caption_sightings
         if self.annotator is not None and (texts or sightings):
             self.annotator.submit(texts, sightings)

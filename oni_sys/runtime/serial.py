@@ -2,7 +2,8 @@
 
 The mode to debug in: breakpoints work anywhere, and two runs with the same seed produce the
 same metrics (but for the clock: ``sps``, ``wall_time``, ``*_time``, ``learner_idle_fraction``,
-``labels_per_s`` and the annotator's latencies), with the reward loop on too:
+``runner_busy_fraction``, ``labels_per_s`` and the annotator's latencies), with the reward loop
+on too:
 
 - the annotator is *gated*: it asks nothing while the env runner and the policy learner work;
   after every policy update the runtime opens it and waits until every question submitted so

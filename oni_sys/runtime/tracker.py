@@ -126,6 +126,8 @@ class Tracker:
         self.runner_restarts = 0
         self.wall_time_before = 0.0
         self.start = time.perf_counter()
+        self._sample_time = 0.0  # env runners' seconds in sample() since the last row
+        self._last_fragment_time = 0.0  # when the last fragment was counted
         self.returns: deque[float] = deque(maxlen=cfg.train.return_window)
         self.lengths: deque[float] = deque(maxlen=cfg.train.return_window)
         self.extras: dict[str, deque[float]] = {}
@@ -188,9 +190,13 @@ class Tracker:
         """Seconds of training, summed over every session of this run."""
         return self.wall_time_before + time.perf_counter() - self.start
 
-    def on_fragment(self, env_steps: int, episodes: list[dict[str, float]]) -> None:
-        """Count a fragment's steps and finished episodes."""
+    def on_fragment(
+        self, env_steps: int, episodes: list[dict[str, float]], sample_time: float = 0.0
+    ) -> None:
+        """Count a fragment's steps and finished episodes, and the seconds it took to sample."""
         self.env_steps += env_steps
+        self._sample_time += sample_time
+        self._last_fragment_time = time.perf_counter()
         self.episodes += len(episodes)
         for ep in episodes:
             self.returns.append(ep["return"])
@@ -206,7 +212,13 @@ class Tracker:
             self.updates += 1
         self._window.append(stats)
         self._fragments_dropped = stats.get("fragments_dropped", self._fragments_dropped)
-        return self.updates % self.cfg.train.log_every_updates == 0 and bool(stats.get("trained"))
+        # Once the run is finished, the updates of the batches still queued at the learner go
+        # into the run's last row (written when they are done), not into rows of their own.
+        return (
+            self.updates % self.cfg.train.log_every_updates == 0
+            and bool(stats.get("trained"))
+            and not self.finished()
+        )
 
     def checkpoint_due(self) -> bool:
         """True every ``train.checkpoint_every_updates`` updates."""
@@ -243,9 +255,14 @@ class Tracker:
         """
         now = time.perf_counter()
         elapsed = max(now - self._last_log_time, 1e-9)
+        collecting = elapsed
+        if self.finished() and self._last_fragment_time > self._last_log_time:
+            # The last row: its steps/s is over the time its steps were collected, not the
+            # learner's finishing the queued batches after the last fragment came in.
+            collecting = max(self._last_fragment_time - self._last_log_time, 1e-9)
         row: dict[str, Any] = {
             "env_steps": self.env_steps,
-            "sps": (self.env_steps - self._last_log_steps) / elapsed,
+            "sps": (self.env_steps - self._last_log_steps) / collecting,
             "episode_return_mean": self.return_mean(),
             "episode_length_mean": float(np.mean(self.lengths)) if self.lengths else float("nan"),
             "episodes": self.episodes,
@@ -266,6 +283,12 @@ class Tracker:
         if learn_times:
             # Share of wall time the policy learner spent waiting (for fragments, or anything).
             row["learner_idle_fraction"] = max(0.0, 1.0 - sum(learn_times) / elapsed)
+        if self._sample_time:
+            # Share of the env runners' wall time spent sampling; the rest they wait for the
+            # driver (a learner that cannot keep up holds back their next sample call).
+            runners = self.cfg.runtime.num_env_runners if self.cfg.runtime.kind == "ray" else 1
+            row["runner_busy_fraction"] = min(1.0, self._sample_time / (collecting * runners))
+            self._sample_time = 0.0
         row.setdefault("policy_lag_mean", float("nan"))  # no update since the last row
         row["policy_lag_max"] = max((s["policy_lag_max"] for s in self._window), default=0.0)
         row["fragments_dropped"] = self._fragments_dropped

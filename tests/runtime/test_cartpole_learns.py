@@ -39,7 +39,7 @@ def test_ray_solves_cartpole_with_two_runners(tmp_path):
 
 
 #: keys measured with a clock: they differ between two identical runs
-TIMING = ("sps", "learner_idle_fraction")
+TIMING = ("sps", "learner_idle_fraction", "runner_busy_fraction")
 
 
 def test_serial_is_deterministic(tmp_path):

@@ -29,6 +29,7 @@ CLOCK_KEYS = {
     "learn_time",  # policy learner: seconds in its update
     "reward_time",  # policy learner: seconds computing intrinsic rewards
     "learner_idle_fraction",  # 1 - learn_time / wall seconds
+    "runner_busy_fraction",  # sample seconds / wall seconds
     "labels_per_s",  # annotator: answers over the last minute of wall time
     "annotator_latency_p50",  # annotator: seconds per answer
     "annotator_latency_p95",

@@ -1,5 +1,7 @@
 """Env runners run at a lower CPU priority than the learner (``runtime.env_runner_niceness``):
-on a node they share, the learner is the bottleneck (docs/PERFORMANCE.md, "A faster learner")."""
+on a node they share, the learner is the bottleneck (docs/PERFORMANCE.md, "A faster learner").
+Every metrics row says how busy both roles were, and no row is only the learner finishing the
+batches queued when the budget ran out."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 
 from oni_sys.config import load_config
 from oni_sys.runtime import make_runtime
+from oni_sys.runtime.run_dir import read_metrics
 
 ray = pytest.importorskip("ray")
 
@@ -46,8 +49,16 @@ def test_env_runners_run_below_the_learner(tmp_path, niceness):
 
     runtime = make_runtime(cfg, read_priorities)
     runtime.setup()
-    runtime.run()
+    rows = read_metrics(runtime.run() / "metrics.jsonl")
     assert seen, "no metrics row was written"
     learner = seen["learner"][0]
     assert learner >= os.nice(0)  # Ray starts its workers at its own niceness (15 by default)
     assert seen["runners"] == [min(learner + niceness, 19)] * 2, seen
+    for row in rows:
+        assert 0.0 < row["runner_busy_fraction"] <= 1.0, row
+        assert 0.0 <= row["learner_idle_fraction"] <= 1.0, row
+    # Up to 4 batches are still queued at the learner when the budget is spent; their updates
+    # go into the last row, whose steps/s counts the collection only.
+    steps = [row["env_steps"] for row in rows]
+    assert steps == sorted(set(steps)), steps
+    assert rows[-1]["updates"] == rows[-1]["env_steps"] // 512, rows[-1]
