@@ -5,9 +5,12 @@ How to run:   .venv/bin/python benchmarks/vs_sample_factory.py [--steps N] [--ro
 
 Both systems get the same observation (benchmarks/nethack_chars.py: the chars map as a 1x21x79
 image plus the bottom-line stats), the same batch geometry (2 env runners x 16 envs, rollout 32,
-batch 1024, one epoch of one minibatch, CPU learner) and models of the same size
-(sample-factory's convnet_impala encoder + GRU 512: 2,792,520 parameters; oni-sys's
-``model.kind=mlp model.core=gru model.hidden_size=512``: 2,792,952). Runs alternate A B A B.
+batch 1024, one epoch of one minibatch, CPU learner) and models of the same size and cost:
+sample-factory's convnet_impala encoder + GRU 512 has 2,792,520 parameters and 2.92M
+multiply-adds a step; benchmarks/vs_sample_factory.yaml, the same layers in oni-sys's ``mlp``
+model, 2,792,578 and 2.92M. benchmarks/vs_sample_factory_towers.yaml has the same parameter
+count in oni-sys's own shape (3x3 CNN, policy and value towers; 3.94M multiply-adds). Runs
+alternate A B C A B C.
 
 sample-factory needs gymnasium 0.29 and numpy<2, so it gets its own virtualenv (``.venv-sf``,
 made on first use: the torch version of .venv, sample-factory 2.1.1, and NLE without its
@@ -17,7 +20,8 @@ Results: a Markdown table of steady-state env steps per second (sample-factory: 
 ``Total num frames`` reports after the first non-zero one; oni-sys: metrics rows after the first)
 and of the whole run (steps / wall time of the process), the mean of each system and the ratio.
 ``--default-network`` adds oni-sys's NetHack network (configs/nethack_score.yaml, its own
-observation) as a third system. Paste the table into docs/PERFORMANCE.md with the date.
+observation), as it is and with its map stack on the whole glyph embedding
+(``model.map_embedding_dim=0``). Paste the table into docs/PERFORMANCE.md with the date.
 """
 
 from __future__ import annotations
@@ -212,16 +216,21 @@ def main() -> None:
     args = parser.parse_args()
     python = ensure_sf_venv()
     matched = str(HERE / "vs_sample_factory.yaml")
+    towers = str(HERE / "vs_sample_factory_towers.yaml")
     systems = {
         "sample-factory 2.1.1 APPO, convnet_impala + GRU 512": lambda d, n: run_sample_factory(
             python, args.steps, d, n
         ),
-        "oni-sys, benchmarks/vs_sample_factory.yaml (mlp + GRU 512)": lambda d, n: run_oni(
+        "oni-sys, benchmarks/vs_sample_factory.yaml (its shape)": lambda d, n: run_oni(
             matched, args.steps, d, n, []
+        ),
+        "oni-sys, benchmarks/vs_sample_factory_towers.yaml (3x3 CNN, towers)": lambda d, n: run_oni(
+            towers, args.steps, d, n, []
         ),
     }
     params = {
         list(systems)[1]: oni_parameters(matched),
+        list(systems)[2]: oni_parameters(towers),
     }
     if args.default_network:
         nethack = ["runtime.device=cpu", "algo.fragments_per_batch=2", "reward.kind=none"]

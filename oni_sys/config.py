@@ -67,9 +67,20 @@ class ModelConfig:
     hidden_size: int = _f(
         64, min=1, max=16384, help="width of hidden layers (NetHack: core size, ONI uses 512)"
     )
-    num_layers: int = _f(2, min=1, max=64, help="MLP hidden layers")
+    num_layers: int = _f(
+        2, min=0, max=64, help="MLP hidden layers of each tower; 0: the heads read the features"
+    )
     core: str = _f("none", choices=["none", "gru"], help="recurrent core of the MLP model")
     activation: str = _f("tanh", choices=["tanh", "relu", "elu"])
+    conv_layers: list[list[int]] = _f(
+        [],
+        help="mlp model: the CNN of each image entry, one [channels, kernel, stride] per layer "
+        "(no padding), e.g. [[16, 8, 4], [32, 4, 2]] (sample-factory's convnet_impala); empty: "
+        "chosen by image size (docs/ENVIRONMENTS.md)",
+    )
+    image_features: int = _f(
+        256, min=1, max=16384, help="mlp model: features of each image entry's CNN"
+    )
     embedding_dim: int = _f(32, min=1, max=4096, help="NetHack glyph embedding size")
     crop_size: int = _f(9, min=3, max=255, help="NetHack egocentric crop (odd)")
     map_embedding_dim: int = _f(
@@ -539,6 +550,25 @@ def check_ray_address(address: str | None) -> str | None:
     return None
 
 
+def _conv_layers_problem(layers: list) -> str | None:
+    """Why ``model.conv_layers`` is not a list of [channels, kernel, stride], or None."""
+    for i, layer in enumerate(layers):
+        ok = (
+            isinstance(layer, list)
+            and len(layer) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in layer)
+        )
+        if not ok:
+            return (
+                f"layer {i} is {layer!r}; each layer is [channels, kernel, stride], three "
+                "integers, e.g. [16, 8, 4]"
+            )
+        for name, value, high in zip(("channels", "kernel", "stride"), layer, (4096, 64, 64)):
+            if not 1 <= value <= high:
+                return f"layer {i}: {name} {value} is out of range; it must be 1 to {high}"
+    return None
+
+
 def _cross_checks(cfg: Config, errors: list[str]) -> None:
     """Rules that involve more than one key."""
     from oni_sys.envs.captioners import check_captioner
@@ -571,6 +601,9 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
             f"annotator.prompt: reward.kind={cfg.reward.kind} learns from {data}, but "
             f"annotator.prompt={asks} asks the annotator for {given}; set annotator.prompt={wants}"
         )
+    err = _conv_layers_problem(cfg.model.conv_layers)
+    if err:
+        errors.append(f"model.conv_layers: {err}")
     groups = cfg.model.policy_groups
     for name, agents in groups.items():
         if (

@@ -133,6 +133,7 @@ TABLE = [
     ("annotator.backend not a choice", ["annotator.backend=gpt"], "annotator.backend", "main"),
     ("reward.kind not a choice", ["reward.kind=curiosity"], "reward.kind", "main"),
     ("model.core not a choice", ["model.core=lstm"], "model.core", "main"),
+    ("conv layer not three integers", ["model.conv_layers=[[16, 8]]"], "model.conv_layers", "main"),
     ("run name with a slash", ["name=../elsewhere"], "name", "main"),
     # addresses
     ("base_url not a URL", ["annotator.base_url=not-a-url"], "annotator.base_url", "main"),

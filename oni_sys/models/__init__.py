@@ -54,4 +54,6 @@ def build_model(
         num_layers=model_cfg.num_layers,
         activation=model_cfg.activation,
         core=model_cfg.core,
+        image_features=model_cfg.image_features,
+        conv_layers=model_cfg.conv_layers,
     )

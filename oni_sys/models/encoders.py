@@ -38,9 +38,15 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 class ImageEncoder(nn.Module):
-    """CNN over one image entry: ``[T, B, *shape]`` -> features ``[T, B, out_dim]``."""
+    """CNN over one image entry: ``[T, B, *shape]`` -> features ``[T, B, out_dim]``.
 
-    def __init__(self, space: gym.spaces.Box, out_dim: int = 256):
+    ``conv_layers``: ``[channels, kernel, stride]`` per layer (no padding) instead of the stack
+    chosen by image size.
+    """
+
+    def __init__(
+        self, space: gym.spaces.Box, out_dim: int = 256, conv_layers: list[list[int]] | None = None
+    ):
         super().__init__()
         layout = image_layout(space)
         if layout is None:
@@ -52,7 +58,18 @@ class ImageEncoder(nn.Module):
         c, h, w = (space.shape[2], *space.shape[:2]) if self.hwc else space.shape
         self.scale = 1.0 / 255.0 if space.dtype == np.uint8 else None
         layers: list[nn.Module] = []
-        if min(h, w) >= NATURE_MIN_SIDE:
+        if conv_layers:
+            for i, (channels, kernel, stride) in enumerate(conv_layers):
+                h, w = _conv_out(h, kernel, stride, 0), _conv_out(w, kernel, stride, 0)
+                if h < 1 or w < 1:
+                    raise ValueError(
+                        f"model.conv_layers: an image of shape {tuple(space.shape)} has no "
+                        f"pixel left after layer {i} {[channels, kernel, stride]}; use smaller "
+                        "kernels or strides, or fewer layers"
+                    )
+                layers += [nn.Conv2d(c, channels, kernel, stride), nn.ReLU()]
+                c = channels
+        elif min(h, w) >= NATURE_MIN_SIDE:
             for channels, kernel, stride in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
                 layers += [nn.Conv2d(c, channels, kernel, stride), nn.ReLU()]
                 c, h, w = channels, _conv_out(h, kernel, stride, 0), _conv_out(w, kernel, stride, 0)

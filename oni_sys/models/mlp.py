@@ -32,6 +32,7 @@ class MLPNet(ActorCritic):
         activation: str = "tanh",
         core: str = "none",
         image_features: int = 256,
+        conv_layers: list[list[int]] | None = None,
     ):
         super().__init__()
         if activation not in _ACTIVATIONS:
@@ -51,7 +52,7 @@ class MLPNet(ActorCritic):
         self._vector_ndims = [(k, len(obs_space[k].shape)) for k in self.keys]
         # One CNN per image entry, shared by the policy and value towers.
         self.encoders = nn.ModuleList(
-            ImageEncoder(obs_space[k], image_features) for k in self.image_keys
+            ImageEncoder(obs_space[k], image_features, conv_layers) for k in self.image_keys
         )
         in_dim = sum(int(np.prod(obs_space[k].shape)) for k in self.keys)
         in_dim += image_features * len(self.image_keys)
@@ -68,9 +69,10 @@ class MLPNet(ActorCritic):
                 width = hidden_size
             return nn.Sequential(*layers)
 
-        self.policy_body, self.value_body = tower(), tower()
-        self.policy_head = as_dist(actions).make_head(hidden_size)
-        self.value_head = ortho_init(nn.Linear(hidden_size, 1), 1.0)
+        self.policy_body, self.value_body = tower(), tower()  # identities for 0 layers
+        head_in = hidden_size if num_layers else body_in
+        self.policy_head = as_dist(actions).make_head(head_in)
+        self.value_head = ortho_init(nn.Linear(head_in, 1), 1.0)
 
     def forward(self, obs, state, first):
         parts = [

@@ -41,6 +41,9 @@ def check_before_start(cfg: Config, annotator_enabled: bool) -> EnvInterface:
             f"({type(exc).__name__}: {reason}); check env.id and env.kwargs"
         )
     else:
+        problem = _model_problem(cfg, interface)
+        if problem:
+            errors.append(problem)
         problem = memory_problem(cfg, MemoryEstimate.of(cfg, interface, env_bytes))
         if problem:
             errors.append(problem)
@@ -70,6 +73,21 @@ def check_before_start(cfg: Config, annotator_enabled: bool) -> EnvInterface:
     if errors:
         raise ConfigError(errors)
     return interface
+
+
+def _model_problem(cfg: Config, interface: EnvInterface) -> str | None:
+    """Why the network of ``model.*`` cannot be built for this env's observations, or None
+    (built once here on the CPU, leaving every global RNG as it was)."""
+    from oni_sys.models.policy import Policy
+    from oni_sys.runtime.resume import rng_kept
+
+    try:
+        with rng_kept():
+            Policy(cfg.model, cfg.env.id, interface, "cpu")
+    except ValueError as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        return reason if reason.startswith("model.") else f"model: {reason}"
+    return None
 
 
 def _probe_envs(cfg: Config) -> tuple[EnvInterface, int]:

@@ -70,7 +70,7 @@ def check_resumable(
     state does not load into this config's reward model. Changes no global RNG state."""
     saved_cfg = checkpoint.get("config") or {}
     problems: list[str] = []
-    with _rng_kept():
+    with rng_kept():
         if interface is not None:
             from oni_sys.models.policy import Policy
 
@@ -101,7 +101,7 @@ def check_resumable(
         raise ConfigError(problems)
 
 
-class _rng_kept:
+class rng_kept:
     """Restore torch's, NumPy's and Python's global RNG state on exit (building a network
     draws from them)."""
 

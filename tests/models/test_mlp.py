@@ -180,3 +180,39 @@ def test_bad_model_settings_raise_clear_errors():
         MLPNet(SPACE, 4, activation="gelu")
     with pytest.raises(ValueError, match="core 'lstm' is not allowed; use none or gru"):
         MLPNet(SPACE, 4, core="lstm")
+
+
+def test_conv_layers_give_the_asked_stack_and_no_towers():
+    """sample-factory's convnet_impala on a 1x21x79 image: 16x4x18, then 32x1x8 features; with
+    num_layers=0 the heads read the GRU's output."""
+    space = gym.spaces.Dict(
+        {
+            "chars": gym.spaces.Box(0, 255, (1, 21, 79), np.uint8),
+            "stats": gym.spaces.Box(-1.0, 1.0, (5,), np.float32),
+        }
+    )
+    model = MLPNet(
+        space,
+        7,
+        hidden_size=32,
+        num_layers=0,
+        core="gru",
+        image_features=48,
+        conv_layers=[[16, 8, 4], [32, 4, 2]],
+    )
+    convs = [m for m in model.encoders[0].convs if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (16, (8, 8), (4, 4)),
+        (32, (4, 4), (2, 2)),
+    ]
+    assert model.encoders[0].fc[0].in_features == 32 * 1 * 8
+    assert model.core.input_size == 48 + 5
+    assert len(model.policy_body) == 0 and len(model.value_body) == 0
+    params, values, state = run(model, batch(space))
+    assert params.shape == (T, B, 7) and values.shape == (T, B) and state.shape == (B, 32)
+
+
+def test_conv_layers_that_leave_no_pixel_are_refused():
+    space = gym.spaces.Dict({"x": gym.spaces.Box(0, 255, (1, 21, 79), np.uint8)})
+    with pytest.raises(ValueError, match=r"model.conv_layers: .*\(1, 21, 79\).*layer 1"):
+        MLPNet(space, 3, conv_layers=[[16, 8, 4], [32, 8, 4]])
