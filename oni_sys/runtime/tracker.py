@@ -24,7 +24,13 @@ Reporter = Callable[[dict[str, Any]], None]
 #: Learner stats that are states, not rates: a row reports the latest value, not the mean.
 #: (``intrinsic_top_caption_share`` is already over the window since the previous row;
 #: ``nonfinite_updates_skipped`` and ``fragments_lost`` count over the whole run.)
-LATEST_KEYS = ("intrinsic_top_caption_share", "nonfinite_updates_skipped", "fragments_lost")
+LATEST_KEYS = (
+    "intrinsic_top_caption_share",
+    "nonfinite_updates_skipped",
+    "fragments_lost",
+    # the mean of a window of recent episodes, as episode_return_mean: its value at the row
+    "intrinsic_return_mean",
+)
 
 
 #: how far below ``reward.hacking_share`` the top share must fall to clear a suspicion

@@ -9,6 +9,24 @@ from oni_sys.runtime import make_runtime
 from oni_sys.runtime.run_dir import read_metrics
 
 
+@pytest.fixture(autouse=True)
+def no_ray_left_behind():
+    """A test that fails between a Ray runtime's setup and its run leaves the local instance
+    up; the next test would then join it (``ray.init`` is skipped when Ray is initialized) and
+    fail for a reason of the previous one's. Shut down what a test left up (a Ray that a
+    module-scoped fixture started before the test is that fixture's to stop)."""
+    import sys
+
+    def up() -> bool:
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+
+    was_up = up()
+    yield
+    if not was_up and up():
+        sys.modules["ray"].shutdown()
+
+
 @pytest.fixture
 def train(tmp_path):
     """``train(config, *overrides, reporter=None) -> (runtime, run_dir, metrics rows)``.
