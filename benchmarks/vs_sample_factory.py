@@ -20,8 +20,9 @@ Results: a Markdown table of steady-state env steps per second (sample-factory: 
 ``Total num frames`` reports after the first non-zero one; oni-sys: metrics rows after the first)
 and of the whole run (steps / wall time of the process), the mean of each system and the ratio.
 ``--default-network`` adds oni-sys's NetHack network (configs/nethack_score.yaml, its own
-observation), as it is and with its map stack on the whole glyph embedding
-(``model.map_embedding_dim=0``). Paste the table into docs/PERFORMANCE.md with the date.
+observation) with its narrow map input (``model.map_embedding_dim=8``) and with its map stack
+on the whole glyph embedding (``model.map_embedding_dim=0``, the network before issue 13).
+Paste the table into docs/PERFORMANCE.md with the date.
 """
 
 from __future__ import annotations
@@ -210,8 +211,8 @@ def main() -> None:
     parser.add_argument(
         "--default-network",
         action="store_true",
-        help="also run oni-sys's NetHack network (configs/nethack_score.yaml), as it is and with "
-        "model.map_embedding_dim=0",
+        help="also run oni-sys's NetHack network (configs/nethack_score.yaml) with "
+        "model.map_embedding_dim=8 and with 0",
     )
     args = parser.parse_args()
     python = ensure_sf_venv()
@@ -235,10 +236,12 @@ def main() -> None:
     if args.default_network:
         nethack = ["runtime.device=cpu", "algo.fragments_per_batch=2", "reward.kind=none"]
         variants = {
-            "oni-sys, configs/nethack_score.yaml (NetHack network)": [],
-            # The same network with its map stack on the whole 32-wide glyph embedding, as it
-            # was before issue 13: what the narrower map input saves, on its own.
-            "oni-sys, NetHack network, model.map_embedding_dim=0": ["model.map_embedding_dim=0"],
+            # The narrow map input, and the map stack on the whole 32-wide glyph embedding as
+            # before issue 13: what the narrower input saves, on its own.
+            f"oni-sys, configs/nethack_score.yaml, model.map_embedding_dim={dim}": [
+                f"model.map_embedding_dim={dim}"
+            ]
+            for dim in (8, 0)
         }
         for name, extra in variants.items():
             systems[name] = lambda d, n, extra=extra: run_oni(
