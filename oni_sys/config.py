@@ -84,11 +84,12 @@ class ModelConfig:
     embedding_dim: int = _f(32, min=1, max=4096, help="NetHack glyph embedding size")
     crop_size: int = _f(9, min=3, max=255, help="NetHack egocentric crop (odd)")
     map_embedding_dim: int = _f(
-        0,
+        8,
         min=0,
         max=4096,
         help="NetHack: channels of the whole-map stack's input, a learned projection of the glyph "
-        "embedding (8 costs a quarter of 32); 0: the glyph embedding itself",
+        "embedding (8 costs a quarter of 32); 0: the glyph embedding itself (runs from before "
+        "2026-12-02 were trained with 0)",
     )
     action_squash: str = _f(
         "tanh",

@@ -84,7 +84,8 @@ class NetHackNet(ActorCritic):
         map_embedding_dim: channels of the map stack's input: the glyph embedding table
             projected to this width (one small matrix product per forward pass, for the whole
             table), so that the stack's first convolution, the costliest layer of the network,
-            reads fewer channels per cell. 0 (or ``embedding_dim``) feeds the embedding itself.
+            reads fewer channels per cell (8 by default, as ``model.map_embedding_dim``). 0 (or
+            ``embedding_dim``) feeds the embedding itself.
     """
 
     def __init__(
@@ -95,7 +96,7 @@ class NetHackNet(ActorCritic):
         embedding_dim: int = 32,
         crop_size: int = 9,
         num_conv_layers: int = 4,
-        map_embedding_dim: int = 0,
+        map_embedding_dim: int = 8,
     ) -> None:
         super().__init__()
         if crop_size < 1 or crop_size % 2 == 0:

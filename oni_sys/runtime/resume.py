@@ -78,10 +78,17 @@ def check_resumable(
             mismatch = _first_mismatch(checkpoint["learner"]["state"]["model"], fresh)
             if mismatch is not None:
                 diff = config_differences(saved_cfg, cfg, _POLICY_SECTIONS)
+                hint = _ALLOWED
+                if "map_" in mismatch and "map_embedding_dim" not in saved_cfg.get("model", {}):
+                    # The key came after the run, and with it a new default (8).
+                    hint = (
+                        "the run predates model.map_embedding_dim, so its NetHack network was "
+                        "trained with model.map_embedding_dim=0: add that override"
+                    )
                 problems.append(
                     f"resume: {run} holds a policy this config cannot load ({mismatch}); "
                     + (f"it differs from the run's config in {'; '.join(diff)}; " if diff else "")
-                    + _ALLOWED
+                    + hint
                 )
         reward_state = checkpoint["learner"].get("reward")
         if reward_state is not None and cfg.reward.kind != "none":

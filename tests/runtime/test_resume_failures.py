@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from oni_sys.annotators.preflight import AnnotatorUnavailable
 from oni_sys.annotators.server_process import free_port
@@ -144,3 +145,45 @@ def test_a_failed_fresh_start_leaves_no_directory(tmp_path):
     runtime.setup()
     assert runtime.run() == runs / "first"
     assert sorted(p.name for p in runs.iterdir()) == ["first"]
+
+
+def test_a_nethack_run_from_before_the_narrow_map_input_names_the_override(tmp_path):
+    """Runs from before model.map_embedding_dim (default 8 since) were trained with the map
+    stack on the whole embedding: their resume says to add model.map_embedding_dim=0, and
+    resumes with it."""
+    pytest.importorskip("nle")
+    tiny = [
+        "runtime.kind=serial",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "env.num_envs=2",
+        "algo.rollout=8",
+        "model.hidden_size=32",
+        f"runs_dir={tmp_path}",
+        "name=old",
+    ]
+    runtime = make_runtime(
+        load_config(
+            "configs/nethack_score.yaml",
+            [*tiny, "model.map_embedding_dim=0", "train.total_env_steps=32"],
+        )
+    )
+    runtime.setup()
+    run_dir = runtime.run()
+    # What such a run's checkpoint holds: a config without the key.
+    for path in (run_dir / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=False)
+        state["config"]["model"].pop("map_embedding_dim", None)  # latest.pt is a hard link
+        torch.save(state, path)
+
+    resume = [*tiny, f"resume={run_dir}", "train.total_env_steps=64"]
+    with pytest.raises(ConfigError) as caught:
+        make_runtime(load_config("configs/nethack_score.yaml", resume)).setup()
+    (line,) = caught.value.errors
+    assert "model.map_embedding_dim=0" in line and "map_conv.0.weight" in line, line
+
+    runtime = make_runtime(
+        load_config("configs/nethack_score.yaml", [*resume, "model.map_embedding_dim=0"])
+    )
+    runtime.setup()
+    assert runtime.run() == run_dir
