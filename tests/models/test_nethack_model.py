@@ -160,3 +160,30 @@ def test_message_encoder_is_optional(rollout) -> None:
     sub = {k: v for k, v in obs.items() if k != "message"}
     logits, values, _ = model(sub, model.initial_state(B), torch.zeros(T, B, dtype=torch.bool))
     assert logits.shape == (T, B, num_actions) and values.shape == (T, B)
+
+
+def test_message_encoder_cut_equals_the_whole_message() -> None:
+    """encode_message convolves only the bytes up to the longest message (plus a margin); the
+    result must equal convolving all 256, for every message length, to the bit."""
+    from gymnasium import spaces
+
+    space = spaces.Dict(
+        {
+            "glyphs": spaces.Box(0, 5976, (21, 79), np.int16),
+            "blstats": spaces.Box(-(2**31), 2**31 - 1, (27,), np.int64),
+            "message": spaces.Box(0, 255, (256,), np.uint8),
+        }
+    )
+    torch.manual_seed(0)
+    model = NetHackNet(space, 8, **SMALL)
+
+    def whole(message: torch.Tensor) -> torch.Tensor:
+        x = model.message_embedding(message.long()).transpose(1, 2)
+        return model.message_conv(x).amax(dim=2)
+
+    for length in [*range(0, 20), 63, 64, 65, 66, 100, 240, 243, 244, 245, 246, 250, 255, 256]:
+        message = torch.randint(1, 256, (4, 256))
+        message[:, length:] = 0
+        message[1, max(length - 3, 0) :] = 0  # a shorter one beside it
+        with torch.no_grad():
+            assert torch.equal(model.encode_message(message), whole(message)), length
