@@ -2,6 +2,7 @@
 
 How to run:   .venv/bin/python benchmarks/reward_path.py [--steps N] [--runtime serial|ray]
                   [--annotator rules|embedded] [--kinds none hashing ...] [--rounds R]
+                  [--niceness N ...]
 Results:      a Markdown table: steady-state env steps per second for extrinsic-only training
               and for each reward model, each as a fraction of extrinsic-only, and the time the
               policy learner spends computing the shaped reward per batch (T x N = 512 steps).
@@ -9,7 +10,10 @@ Results:      a Markdown table: steady-state env steps per second for extrinsic-
               (reward learner + reward lookup in the loss), not the LLM; the LLM's own cost is
               in benchmarks/annotator.py. ``--annotator embedded`` keeps the config's own
               annotator (llama.cpp with the embedded Gemma 3 270M, as `make train`), so the
-              table measures the whole reward loop. Rounds alternate the kinds (A B A B).
+              table measures the whole reward loop, with the labels each run got and the
+              questions still waiting at its end. ``--niceness 0 4`` runs each reward model
+              once per `annotator.niceness` (the llama.cpp child's CPU priority below its
+              parent's). Rounds alternate the variants (A B A B).
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ KINDS = ["none", "hashing", "classification", "ranking", "ensemble"]
 
 
 def measure(
-    kind: str, steps: int, runtime: str, runs_dir: str, annotator: str, name: str
-) -> tuple[float, float]:
-    """(steady-state steps/s, median reward time per batch in ms) of one run."""
+    kind: str, steps: int, runtime: str, runs_dir: str, annotator: str, name: str, extra: list[str]
+) -> tuple[float, float, float, float]:
+    """(steady-state steps/s, median reward time per batch in ms, labels, questions waiting at
+    the end) of one run."""
     rules = ["annotator.backend=rules", f"annotator.rules={RULES}"] if annotator == "rules" else []
     cfg = load_config(
         "configs/oni/small/score_hashing.yaml",
@@ -45,6 +50,7 @@ def measure(
             "train.log_every_updates=5",
             *rules,
             "reward.ensemble_size=3",
+            *extra,
         ],
     )
     rt = make_runtime(cfg)
@@ -53,7 +59,8 @@ def measure(
     first, last = rows[1], rows[-1]  # the first row includes start-up
     sps = (last["env_steps"] - first["env_steps"]) / (last["wall_time"] - first["wall_time"])
     reward_ms = statistics.median(r.get("reward_time", 0.0) for r in rows[1:]) * 1000
-    return sps, reward_ms
+    labels = max(r.get("labels_total", 0.0) for r in rows)
+    return sps, reward_ms, labels, last.get("annotator_queue", 0.0)
 
 
 def main() -> None:
@@ -63,6 +70,13 @@ def main() -> None:
     parser.add_argument("--annotator", default="rules", choices=["rules", "embedded"])
     parser.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
     parser.add_argument("--rounds", type=int, default=1, help="rounds, alternating the kinds")
+    parser.add_argument(
+        "--niceness",
+        type=int,
+        nargs="+",
+        default=None,
+        help="annotator.niceness values; each reward model runs once per value",
+    )
     args = parser.parse_args()
     if args.kinds[0] != "none":
         parser.error("--kinds must start with none (the rows are fractions of it)")
@@ -71,25 +85,43 @@ def main() -> None:
         f"NetHackScore, {args.runtime} runtime, {args.steps} env steps per run, "
         f"{args.annotator} annotator, {args.rounds} round(s)\n"
     )
-    results: dict[str, list[tuple[float, float]]] = {kind: [] for kind in args.kinds}
+    variants: list[tuple[str, str, list[str]]] = []  # (label, reward kind, overrides)
+    for kind in args.kinds:
+        if kind == "none" or args.niceness is None:
+            variants.append((kind, kind, []))
+        else:
+            variants += [
+                (f"{kind}, nice {n}", kind, [f"annotator.niceness={n}"]) for n in args.niceness
+            ]
+    results: dict[str, list[tuple[float, float, float, float]]] = {v[0]: [] for v in variants}
     with tempfile.TemporaryDirectory() as runs_dir:
         for r in range(args.rounds):
-            for kind in args.kinds:
+            for i, (label, kind, extra) in enumerate(variants):
                 result = measure(
-                    kind, args.steps, args.runtime, runs_dir, args.annotator, f"{kind}_{r}"
+                    kind, args.steps, args.runtime, runs_dir, args.annotator, f"v{i}_{r}", extra
                 )
-                results[kind].append(result)
-                print(f"round {r + 1}: {kind}: {result[0]:,.0f} steps/s", flush=True)
+                results[label].append(result)
+                print(
+                    f"round {r + 1}: {label}: {result[0]:,.0f} steps/s, {result[2]:,.0f} labels, "
+                    f"{result[3]:,.0f} questions waiting",
+                    flush=True,
+                )
     print(
-        "\n| reward | steps/s (runs) | mean | fraction of extrinsic-only | reward time per batch (ms) |"
+        "\n| reward | steps/s (runs) | mean | fraction of extrinsic-only "
+        "| reward time per batch (ms) | labels (runs) | questions waiting at the end |"
     )
-    print("|---|---|---:|---:|---:|")
-    base = statistics.mean(sps for sps, _ in results["none"])
-    for kind, runs in results.items():
-        sps = statistics.mean(s for s, _ in runs)
-        each = " / ".join(f"{s:,.0f}" for s, _ in runs)
-        reward_ms = statistics.median(ms for _, ms in runs)
-        print(f"| {kind} | {each} | {sps:,.0f} | {sps / base:.3f} | {reward_ms:.2f} |")
+    print("|---|---|---:|---:|---:|---|---|")
+    base = statistics.mean(run[0] for run in results["none"])
+    for label, runs in results.items():
+        sps = statistics.mean(run[0] for run in runs)
+        each = " / ".join(f"{run[0]:,.0f}" for run in runs)
+        reward_ms = statistics.median(run[1] for run in runs)
+        labels = " / ".join(f"{run[2]:,.0f}" for run in runs)
+        waiting = " / ".join(f"{run[3]:,.0f}" for run in runs)
+        print(
+            f"| {label} | {each} | {sps:,.0f} | {sps / base:.3f} | {reward_ms:.2f} "
+            f"| {labels} | {waiting} |"
+        )
 
 
 if __name__ == "__main__":

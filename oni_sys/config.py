@@ -258,6 +258,14 @@ class AnnotatorConfig:
     )
     n_ctx: int = _f(2048, min=256, max=1_048_576, help="llamacpp: context length")
     n_threads: int = _f(1, min=1, max=1024, help="llamacpp: CPU threads")
+    niceness: int = _f(
+        4,
+        min=0,
+        max=19,
+        help="llamacpp: added to the model's child process's niceness, so that on a machine "
+        "where the LLM shares cores with training the policy learner gets CPU first (labels "
+        "then come later, training does not wait)",
+    )
     max_restarts: int = _f(
         5,
         min=0,

@@ -46,14 +46,12 @@ def cli(tmp_path):
 
 # -- a multi-node Ray cluster on one machine ------------------------------------------------------
 def _descendants(pids: set[int]) -> set[int]:
+    from procfs import parent_pid
+
     parent = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        if entry.isdigit() and (ppid := parent_pid(int(entry))) is not None:
+            parent[int(entry)] = ppid
     out, grew = set(pids), True
     while grew:
         grew = False

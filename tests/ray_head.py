@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loopback_sockets import listening
+from procfs import alive, parent_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -78,13 +79,13 @@ def _processes() -> dict[int, tuple[int, bytes]]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
+        ppid = parent_pid(int(entry))
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
             env = Path(f"/proc/{entry}/environ").read_bytes()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        out[int(entry)] = (ppid, env)
+        if ppid is not None:
+            out[int(entry)] = (ppid, env)
     return out
 
 
@@ -123,18 +124,10 @@ def _stop_head(marker: str, grace: float = 1.0) -> None:
                 pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            pids = {p for p in pids | _head_pids(marker) if _alive(p)}
+            pids = {p for p in pids | _head_pids(marker) if alive(p)}
             if not pids:
                 return
             time.sleep(0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def assert_loopback_only(marker: str) -> None:
@@ -330,7 +323,7 @@ def ray_head_running(
         yield head
     finally:
         _stop_head(marker)
-        leftover = {p for p in _head_pids(marker) if _alive(p)}
+        leftover = {p for p in _head_pids(marker) if alive(p)}
         shutil.rmtree(base, ignore_errors=True)
         assert not leftover, f"Ray head processes survived teardown: {sorted(leftover)}"
 

@@ -36,6 +36,7 @@ def make_backend(cfg: AnnotatorConfig, vllm_server: VLLMServer | None = None) ->
             cfg.model,
             n_ctx=cfg.n_ctx,
             n_threads=cfg.n_threads,
+            niceness=cfg.niceness,
             max_restarts=cfg.max_restarts,
             restart_window_s=cfg.restart_window_s,
         )

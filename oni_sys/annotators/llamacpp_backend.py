@@ -123,6 +123,7 @@ class LlamaCppBackend:
         model_path: a GGUF file; ``None`` uses the embedded Gemma 3 270M.
         n_ctx: context length in tokens (prompt and caption together).
         n_threads: CPU threads for llama.cpp.
+        niceness: added to the child's niceness (0: the parent's priority).
         seed: llama.cpp seed (scoring is deterministic; kept for completeness).
         max_restarts: crashes within ``restart_window_s`` that are restarted; one more and the
             backend is down.
@@ -143,6 +144,7 @@ class LlamaCppBackend:
         n_threads: int = 1,
         seed: int = 0,
         *,
+        niceness: int = 0,
         max_restarts: int = 5,
         restart_window_s: float = 600.0,
     ) -> None:
@@ -161,6 +163,7 @@ class LlamaCppBackend:
         self.model_path = path
         self.n_ctx = n_ctx
         self.n_threads = n_threads
+        self.niceness = niceness
         self.seed = seed
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
@@ -409,6 +412,8 @@ class LlamaCppBackend:
             str(self.n_ctx),
             "--n-threads",
             str(self.n_threads),
+            "--niceness",
+            str(self.niceness),
             "--seed",
             str(self.seed),
             "--parent-pid",

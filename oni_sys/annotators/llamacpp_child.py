@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--niceness", type=int, default=0)
     parser.add_argument("--parent-pid", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 0  # the parent died before the parent-death signal was armed
+    if args.niceness:
+        os.nice(args.niceness)  # below the learner: labels may wait, training should not
 
     log = _LlamaLog()
     t0 = time.monotonic()

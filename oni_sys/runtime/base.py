@@ -85,6 +85,7 @@ class Runtime:
                 if self.checkpoint and self.checkpoint.get("annotator"):  # older: none
                     self.annotator.load_state_dict(self.checkpoint["annotator"])
             self._start_roles()
+            self.tracker.parallel_runners = self._num_runners()
             self.reward_learner = self._start_reward_learner() if self.reward_enabled else None
             if resuming and self.annotator is not None:
                 owed = self.annotator.requeue_missing()

@@ -133,6 +133,8 @@ class Tracker:
         self.wall_time_before = 0.0
         self.start = time.perf_counter()
         self._sample_time = 0.0  # env runners' seconds in sample() since the last row
+        #: env runners that sample at the same time (the runtime sets it once they are up)
+        self.parallel_runners = 1
         self._last_fragment_time = 0.0  # when the last fragment was counted
         self.returns: deque[float] = deque(maxlen=cfg.train.return_window)
         self.lengths: deque[float] = deque(maxlen=cfg.train.return_window)
@@ -292,8 +294,8 @@ class Tracker:
         if self._sample_time:
             # Share of the env runners' wall time spent sampling; the rest they wait for the
             # driver (a learner that cannot keep up holds back their next sample call).
-            runners = self.cfg.runtime.num_env_runners if self.cfg.runtime.kind == "ray" else 1
-            row["runner_busy_fraction"] = min(1.0, self._sample_time / (collecting * runners))
+            busy = self._sample_time / (collecting * self.parallel_runners)
+            row["runner_busy_fraction"] = min(1.0, busy)
             self._sample_time = 0.0
         row.setdefault("policy_lag_mean", float("nan"))  # no update since the last row
         row["policy_lag_max"] = max((s["policy_lag_max"] for s in self._window), default=0.0)

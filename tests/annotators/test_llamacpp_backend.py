@@ -10,6 +10,7 @@ import statistics
 import threading
 
 import pytest
+from procfs import niceness  # tests/procfs.py
 
 from oni_sys.annotators.base import FatalBackendError, Question
 from oni_sys.annotators.prompts import build_classification, build_ranking
@@ -72,6 +73,20 @@ def test_started_backend_reports_its_child(backend):
     assert "CPU" in backend.system_info or "AVX" in backend.system_info, backend.system_info
     assert asyncio.run(backend.start()) == backend.model_id  # idempotent
     asyncio.run(backend.health())
+
+
+@pytest.mark.parametrize("added", [3, 0])
+def test_child_runs_below_its_parent_by_annotator_niceness(added, cfg):
+    """On a machine where the LLM shares cores with training, the learner gets CPU first."""
+    from oni_sys.annotators.backend_factory import make_backend
+
+    b = make_backend(AnnotatorConfig(niceness=added))
+    try:
+        asyncio.run(b.start())
+        assert niceness(b.pid) == min(19, os.nice(0) + added)
+        assert 0.0 < p_yes(b, "You kill the newt!", cfg) < 1.0  # and it answers
+    finally:
+        asyncio.run(b.close())
 
 
 def test_child_answers_equal_the_in_process_model(backend, model, cfg):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procfs import alive  # tests/procfs.py
 
 from oni_sys.annotators.annotation_store import LABELLED, AnnotationStore
 from oni_sys.annotators.base import BackendError, FatalBackendError
@@ -35,15 +36,6 @@ CAPTIONS = (
     + [f"The {m} bites!" for m in MONSTERS]
     + [f"You miss the {m}." for m in MONSTERS]
 )
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

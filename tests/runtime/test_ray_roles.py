@@ -6,7 +6,6 @@ batches queued when the budget ran out."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -15,12 +14,6 @@ from oni_sys.runtime import make_runtime
 from oni_sys.runtime.run_dir import read_metrics
 
 ray = pytest.importorskip("ray")
-
-
-def _niceness(pid: int) -> int:
-    # /proc/<pid>/stat: the 19th field; the command name (2nd) may hold spaces, so split after it.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[16])
 
 
 @pytest.mark.parametrize("niceness", [4, 0])
@@ -44,8 +37,8 @@ def test_env_runners_run_below_the_learner(tmp_path, niceness):
             return
         runner_pids = [ray.get(runtime.runners[i].pid.remote()) for i in range(2)]
         learner_pid = ray.get(runtime.learner.pid.remote())
-        seen["runners"] = [_niceness(pid) for pid in runner_pids]
-        seen["learner"] = [_niceness(learner_pid)]
+        seen["runners"] = [niceness(pid) for pid in runner_pids]
+        seen["learner"] = [niceness(learner_pid)]
 
     runtime = make_runtime(cfg, read_priorities)
     runtime.setup()

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procfs import stat_fields  # tests/procfs.py
 
 pytest.importorskip("ray")
 if not sys.platform.startswith("linux"):
@@ -34,9 +35,8 @@ Proc = tuple[int, int]  # (pid, start time): one process, whatever reuses the pi
 
 def _stat(pid: int) -> tuple[int, int, str] | None:
     """(parent pid, start time, state) or None when gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = stat_fields(pid)
+    if fields is None:
         return None
     return int(fields[1]), int(fields[19]), fields[0]
 
