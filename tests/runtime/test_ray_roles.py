@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from procfs import niceness  # tests/procfs.py
 
 from oni_sys.config import load_config
 from oni_sys.runtime import make_runtime
@@ -16,8 +17,8 @@ from oni_sys.runtime.run_dir import read_metrics
 ray = pytest.importorskip("ray")
 
 
-@pytest.mark.parametrize("niceness", [4, 0])
-def test_env_runners_run_below_the_learner(tmp_path, niceness):
+@pytest.mark.parametrize("added", [4, 0])
+def test_env_runners_run_below_the_learner(tmp_path, added):
     seen: dict[str, list[int]] = {}
     cfg = load_config(
         "configs/cartpole.yaml",
@@ -26,7 +27,7 @@ def test_env_runners_run_below_the_learner(tmp_path, niceness):
             "train.progress=false",
             "train.tensorboard=false",
             "runtime.kind=ray",
-            f"runtime.env_runner_niceness={niceness}",
+            f"runtime.env_runner_niceness={added}",
             "train.total_env_steps=4000",
             "train.log_every_updates=1",
         ],
@@ -46,7 +47,7 @@ def test_env_runners_run_below_the_learner(tmp_path, niceness):
     assert seen, "no metrics row was written"
     learner = seen["learner"][0]
     assert learner >= os.nice(0)  # Ray starts its workers at its own niceness (15 by default)
-    assert seen["runners"] == [min(learner + niceness, 19)] * 2, seen
+    assert seen["runners"] == [min(learner + added, 19)] * 2, seen
     for row in rows:
         assert 0.0 < row["runner_busy_fraction"] <= 1.0, row
         assert 0.0 <= row["learner_idle_fraction"] <= 1.0, row
