@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from oni_sys.runtime.run_dir import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_RETURN = 0.5
 
@@ -55,7 +57,7 @@ def run(name: str, overrides: list[str], seed: int, steps: int, runs_dir: Path) 
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    rows = [json.loads(line) for line in (runs_dir / run_name / "metrics.jsonl").open()]
+    rows = read_metrics(runs_dir / run_name / "metrics.jsonl")
     reached = [r["env_steps"] for r in rows if (r.get("episode_return_mean") or 0.0) >= GOAL_RETURN]
     return {
         "variant": name,

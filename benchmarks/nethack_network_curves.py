@@ -20,13 +20,14 @@ learns as well.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from oni_sys.runtime.run_dir import read_metrics, steady_steps_per_second
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -36,7 +37,7 @@ def run_or_read(runs_dir: Path, dim: int, seed: int, steps: int) -> list[dict]:
     """The metrics rows of the run for (dim, seed): trained unless finished in ``runs_dir``."""
     name = f"map{dim}_seed{seed}"
     metrics = runs_dir / name / "metrics.jsonl"
-    rows = _rows(metrics)
+    rows = read_metrics(metrics)
     if not rows or rows[-1]["env_steps"] < steps:
         if rows:
             sys.exit(f"{runs_dir / name} holds an unfinished run; remove it or pick another dir")
@@ -59,14 +60,8 @@ def run_or_read(runs_dir: Path, dim: int, seed: int, steps: int) -> list[dict]:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        rows = _rows(metrics)
+        rows = read_metrics(metrics)
     return [r for r in rows if r["env_steps"] <= steps]
-
-
-def _rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def summary(rows: list[dict], steps: int) -> dict[str, float]:
@@ -74,14 +69,10 @@ def summary(rows: list[dict], steps: int) -> dict[str, float]:
     returns = [(r["env_steps"], r["episode_return_mean"]) for r in rows]
     returns = [(s, x) for s, x in returns if x == x]  # rows before the first episode: NaN
     tail = [x for s, x in returns if s >= 0.9 * steps]
-    steady = rows[1:]  # the first row includes start-up
-    sps = (steady[-1]["env_steps"] - steady[0]["env_steps"]) / (
-        steady[-1]["wall_time"] - steady[0]["wall_time"]
-    )
     return {
         "tail": statistics.mean(tail),
         "whole": statistics.mean(x for _, x in returns),
-        "sps": sps,
+        "sps": steady_steps_per_second(rows, first=1),  # the first row includes start-up
     }
 
 

@@ -25,7 +25,7 @@ import tempfile
 
 from oni_sys.config import load_config
 from oni_sys.runtime import make_runtime
-from oni_sys.runtime.run_dir import read_metrics
+from oni_sys.runtime.run_dir import read_metrics, steady_steps_per_second
 
 RULES = '[{pattern: "(?i)kill|gold|level|stair|feel", label: 1}]'
 KINDS = ["none", "hashing", "classification", "ranking", "ensemble"]
@@ -56,11 +56,10 @@ def measure(
     rt = make_runtime(cfg)
     rt.setup()
     rows = read_metrics(rt.run() / "metrics.jsonl")
-    first, last = rows[1], rows[-1]  # the first row includes start-up
-    sps = (last["env_steps"] - first["env_steps"]) / (last["wall_time"] - first["wall_time"])
+    sps = steady_steps_per_second(rows, first=1)  # the first row includes start-up
     reward_ms = statistics.median(r.get("reward_time", 0.0) for r in rows[1:]) * 1000
     labels = max(r.get("labels_total", 0.0) for r in rows)
-    return sps, reward_ms, labels, last.get("annotator_queue", 0.0)
+    return sps, reward_ms, labels, rows[-1].get("annotator_queue", 0.0)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import time
 from oni_sys.config import load_config
 from oni_sys.envs.spec import make_env
 from oni_sys.runtime import make_runtime
-from oni_sys.runtime.run_dir import read_metrics
+from oni_sys.runtime.run_dir import read_metrics, steady_steps_per_second
 
 
 def env_only_sps(env_id: str, num_envs: int, steps: int) -> float:
@@ -52,9 +52,7 @@ def runtime_sps(config: str, kind: str, steps: int, runs_dir: str) -> float:
     runtime = make_runtime(cfg)
     runtime.setup()
     run_dir = runtime.run()
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    first, last = rows[0], rows[-1]
-    return (last["env_steps"] - first["env_steps"]) / (last["wall_time"] - first["wall_time"])
+    return steady_steps_per_second(read_metrics(run_dir / "metrics.jsonl"))
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ Paste the table into docs/PERFORMANCE.md with the date.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -165,14 +164,15 @@ def run_oni(config: str, steps: int, runs_dir: Path, name: str, extra: list[str]
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"oni-sys failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (runs_dir / name / "metrics.jsonl").open()]
+    from oni_sys.runtime.run_dir import read_metrics, steady_steps_per_second
+
+    rows = read_metrics(runs_dir / name / "metrics.jsonl")
     if len(rows) < 2:
         raise RuntimeError(f"{steps} steps gave {len(rows)} metrics row(s); raise --steps")
-    first, last = rows[0], rows[-1]
+    last = rows[-1]
     dropped = last.get("fragments_dropped", 0.0) * fragment_steps(config, extra)
     return {
-        "steady": (last["env_steps"] - first["env_steps"])
-        / (last["wall_time"] - first["wall_time"]),
+        "steady": steady_steps_per_second(rows),
         "whole": last["env_steps"] / wall,
         "steps": last["env_steps"],
         "trained": 1.0 - dropped / last["env_steps"],

@@ -47,6 +47,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def steady_steps_per_second(rows: list[dict[str, Any]], first: int = 0) -> float:
+    """Env steps per second from metrics row ``first`` to the last: start-up, and any warm-up
+    the rows before ``first`` cover, is left out."""
+    start, last = rows[first], rows[-1]
+    return (last["env_steps"] - start["env_steps"]) / (last["wall_time"] - start["wall_time"])
+
+
 def resolve_run_dir(cfg: Config) -> tuple[Path, bool]:
     """The run directory and whether it resumes: ``resume`` if given, else a fresh directory.
 
