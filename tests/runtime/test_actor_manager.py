@@ -37,6 +37,11 @@ class Counter:
         """The next status call takes ``seconds``."""
         self.delay = seconds
 
+    def crash(self) -> None:
+        """The process dies inside this call, so the call itself fails with RayActorError
+        (``ray.kill`` is asynchronous: a call sent right after it may still be answered)."""
+        os._exit(1)
+
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -67,9 +72,8 @@ def test_replace_starts_a_fresh_actor_and_stops_past_the_limit(local_ray):
     assert ray.get(manager.call(1, "bump")) == 1
     assert ray.get(manager.call(1, "bump")) == 2
     old = manager[1]
-    ray.kill(old)
     with pytest.raises(ray.exceptions.RayActorError) as died:
-        ray.get(old.bump.remote())
+        ray.get(old.crash.remote())
     manager.replace(1, died.value)
     assert made == [0, 1, 1] and manager.restarts == 1
     assert ray.get(manager.call(1, "bump")) == 1  # a new actor: its count starts again
