@@ -118,18 +118,20 @@ def test_frequent_captions_first(tmp_path):
     rare = _texts(*[f"rare message {i}" for i in range(5)])
     common = _texts("common message")
     hold = threading.Event()
+    in_flight = threading.Event()
     original = backend.score
 
     async def gated(question):
         import asyncio
 
+        in_flight.set()
         while not hold.is_set():
             await asyncio.sleep(0.01)
         return await original(question)
 
     backend.score = gated
     service.submit(_texts("warm-up message"), {})
-    time.sleep(0.2)  # the warm-up question is now in flight, the loop waits on it
+    assert in_flight.wait(30)  # the warm-up question holds the slot, the loop waits on it
     service.submit(rare, dict.fromkeys(rare, 1))
     service.submit(common, dict.fromkeys(common, 50))
     hold.set()
